@@ -1,0 +1,39 @@
+"""qdc_jax: quality, diversity and complexity of synthetic reasoning data, in JAX."""
+import setuptools
+
+# Why each dependency is here: see README.md, section "Dependencies".
+INSTALL_REQUIRES = [
+    "jax>=0.4.35",
+    "flax>=0.10",
+    "optax>=0.2.3",
+    "orbax-checkpoint>=0.9",
+    "grain>=0.2.2",
+    "seqio>=0.0.19",
+    "tensorflow-datasets>=4.9",
+    "ml-collections>=0.1.1",
+    "absl-py>=2.0",
+    "numpy>=1.26",
+    "sentencepiece>=0.2",
+    "safetensors>=0.4",
+    "tensorboard>=2.15",
+    "matplotlib>=3.8",
+]
+
+EXTRAS = {
+    "test": ["pytest>=8", "hypothesis>=6.100"],
+    # Parity tests and PyTorch/HF baselines in benchmarks/. The CPU build of torch==2.13.0
+    # is pinned: an unpinned torch pulls GBs of CUDA packages.
+    "full": ["torch==2.13.0", "transformers>=4.44"],
+}
+
+setuptools.setup(
+    name="qdc_jax",
+    version="0.1.0",
+    description="Quality, diversity and complexity of synthetic reasoning data, in JAX/Flax.",
+    packages=setuptools.find_packages(include=["qdc_jax", "qdc_jax.*"]),
+    package_data={"qdc_jax": ["assets/**/*"]},
+    include_package_data=True,
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+)
