@@ -1,0 +1,327 @@
+"""A decoder-only transformer covering GPT-2 and Gemma-2 behind one Config.
+
+Pure Linen: `model.init(rng, tokens)` -> variables, `model.apply(variables, tokens, ...)`.
+Parameters and activations carry logical axis names only; `qdc_jax.sharding` maps them to a
+mesh with a short rule list from the config.
+
+Two modes share every line of the layer code:
+- training / scoring (`cache=None`): causal attention inside each packed segment;
+- cached decoding (`cache` given): the T new tokens of row b are written into cache slots
+  `positions[b, 0] .. positions[b, 0] + T - 1` and attend to every slot <= their position.
+  Slot index == absolute position, so rows of different prompt lengths decode side by side
+  and RoPE / sliding windows need no extra bookkeeping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Cache = dict[str, dict[str, Array]]
+
+# Finite instead of -inf: a padding query whose keys are all masked then gets a uniform
+# (ignored) softmax instead of NaNs that would poison gradients through `where`.
+_NEG_INF = -2.3819763e38
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shape and features of a decoder. Named instances live in `models/configs.py`."""
+
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  d_ff: int
+  # 'rmsnorm' is Gemma's x * (1 + scale); 'layernorm' is GPT-2's with bias.
+  norm: str = "rmsnorm"
+  norm_eps: float = 1e-6
+  # 'geglu' = gelu(x W_gate) * (x W_up) (Gemma); 'gelu' = gelu(x W_in) (GPT-2).
+  mlp: str = "geglu"
+  # 'rope' (Gemma) or 'learned' (GPT-2, table of max_len rows).
+  position: str = "rope"
+  rope_base: float = 10_000.0
+  max_len: int = 8192
+  # Gemma-2 normalises the outputs of attention and MLP again before the residual add.
+  post_norms: bool = True
+  # Per-layer attention kinds, repeated to num_layers: 'local' = sliding window, 'global'.
+  layer_pattern: tuple[str, ...] = ("local", "global")
+  sliding_window: Optional[int] = 4096
+  attn_softcap: Optional[float] = 50.0
+  final_softcap: Optional[float] = 30.0
+  # Queries are scaled by query_pre_attn_scalar**-0.5 (None -> head_dim).
+  query_pre_attn_scalar: Optional[float] = None
+  embed_scale: bool = True  # multiply token embeddings by sqrt(d_model)
+  tie_embeddings: bool = True
+  use_bias: bool = False  # biases on projections and MLP (GPT-2)
+  dtype: str = "float32"  # activation / matmul dtype
+  param_dtype: str = "float32"
+  remat: bool = False  # rematerialise each block in the backward pass
+
+  def __post_init__(self):
+    problems = []
+    if self.num_heads % self.num_kv_heads:
+      problems.append(f"num_heads={self.num_heads} is not a multiple of num_kv_heads="
+                      f"{self.num_kv_heads}")
+    if self.norm not in ("rmsnorm", "layernorm"):
+      problems.append(f"norm={self.norm!r} (choose 'rmsnorm' or 'layernorm')")
+    if self.mlp not in ("geglu", "gelu"):
+      problems.append(f"mlp={self.mlp!r} (choose 'geglu' or 'gelu')")
+    if self.position not in ("rope", "learned"):
+      problems.append(f"position={self.position!r} (choose 'rope' or 'learned')")
+    bad = [k for k in self.layer_pattern if k not in ("local", "global")]
+    if bad:
+      problems.append(f"layer_pattern has {bad} (use 'local' or 'global')")
+    if "local" in self.layer_pattern and not self.sliding_window:
+      problems.append("layer_pattern has 'local' layers but sliding_window is not set")
+    if self.position == "rope" and self.head_dim % 2:
+      problems.append(f"RoPE needs an even head_dim, got {self.head_dim}")
+    if problems:
+      raise ValueError("Invalid ModelConfig: " + "; ".join(problems))
+
+  def attention_kind(self, layer: int) -> str:
+    return self.layer_pattern[layer % len(self.layer_pattern)]
+
+  @property
+  def query_scale(self) -> float:
+    scalar = self.query_pre_attn_scalar or self.head_dim
+    return float(scalar) ** -0.5
+
+  def replace(self, **kw) -> "ModelConfig":
+    return dataclasses.replace(self, **kw)
+
+
+def _param(module: nn.Module, name: str, init, shape, names, dtype):
+  return module.param(name, nn.with_logical_partitioning(init, names), shape, dtype)
+
+
+def _softcap(x: Array, cap: Optional[float]) -> Array:
+  return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+class Norm(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.config
+    pdt = jnp.dtype(cfg.param_dtype)
+    x32 = x.astype(jnp.float32)
+    if cfg.norm == "rmsnorm":
+      # Gemma stores scale around zero and applies (1 + scale).
+      scale = _param(self, "scale", nn.initializers.zeros, (x.shape[-1],), ("norm",), pdt)
+      y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.norm_eps)
+      y = y * (1.0 + scale.astype(jnp.float32))
+    else:
+      scale = _param(self, "scale", nn.initializers.ones, (x.shape[-1],), ("norm",), pdt)
+      bias = _param(self, "bias", nn.initializers.zeros, (x.shape[-1],), ("norm",), pdt)
+      mean = jnp.mean(x32, axis=-1, keepdims=True)
+      var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+      y = (x32 - mean) * jax.lax.rsqrt(var + cfg.norm_eps) * scale + bias
+    return y.astype(x.dtype)
+
+
+def apply_rope(x_BxTxNxH: Array, positions_BxT: Array, base: float) -> Array:
+  """Rotary embedding, rotating the first half of each head against the second half."""
+  half = x_BxTxNxH.shape[-1] // 2
+  freq = base ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / x_BxTxNxH.shape[-1])
+  angle = positions_BxT.astype(jnp.float32)[:, :, None, None] * freq  # B,T,1,half
+  sin, cos = jnp.sin(angle), jnp.cos(angle)
+  x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxTxNxH.dtype)
+
+
+def _write_cache(cache_BxSxKxH: Array, new_BxTxKxH: Array, start_B: Array) -> Array:
+  def write_row(c, x, s):
+    return jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (s, 0, 0))
+  return jax.vmap(write_row)(cache_BxSxKxH, new_BxTxKxH, start_B)
+
+
+class Attention(nn.Module):
+  config: ModelConfig
+  kind: str  # 'local' or 'global'
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, cache):
+    cfg = self.config
+    dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    init = nn.initializers.normal(stddev=d ** -0.5)
+    wq = _param(self, "q", init, (d, n, h), ("embed", "heads", "head_dim"), pdt)
+    wk = _param(self, "k", init, (d, k, h), ("embed", "kv_heads", "head_dim"), pdt)
+    wv = _param(self, "v", init, (d, k, h), ("embed", "kv_heads", "head_dim"), pdt)
+    wo = _param(self, "o", nn.initializers.normal(stddev=(n * h) ** -0.5), (n, h, d),
+                ("heads", "head_dim", "embed"), pdt)
+    q = jnp.einsum("btd,dnh->btnh", x_BxTxD, wq.astype(dt))
+    kk = jnp.einsum("btd,dkh->btkh", x_BxTxD, wk.astype(dt))
+    v = jnp.einsum("btd,dkh->btkh", x_BxTxD, wv.astype(dt))
+    if cfg.use_bias:
+      zeros = nn.initializers.zeros
+      q = q + _param(self, "q_bias", zeros, (n, h), ("heads", "head_dim"), pdt).astype(dt)
+      kk = kk + _param(self, "k_bias", zeros, (k, h), ("kv_heads", "head_dim"), pdt).astype(dt)
+      v = v + _param(self, "v_bias", zeros, (k, h), ("kv_heads", "head_dim"), pdt).astype(dt)
+    if cfg.position == "rope":
+      q = apply_rope(q, positions_BxT, cfg.rope_base)
+      kk = apply_rope(kk, positions_BxT, cfg.rope_base)
+    q = q * jnp.asarray(cfg.query_scale, dt)
+    q = nn.with_logical_constraint(q, ("act_batch", "act_len", "act_heads", None))
+
+    if cache is None:
+      keys, values = kk, v
+      t = x_BxTxD.shape[1]
+      idx = jnp.arange(t)
+      mask = (idx[None, :, None] >= idx[None, None, :])  # causal by index, 1,T,S
+      mask = mask & (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])
+      key_pos = positions_BxT
+      new_cache = None
+    else:
+      start = positions_BxT[:, 0]
+      keys = _write_cache(cache["k"], kk, start)
+      values = _write_cache(cache["v"], v, start)
+      new_cache = {"k": keys, "v": values}
+      s = keys.shape[1]
+      key_pos = jnp.broadcast_to(jnp.arange(s)[None, :], (x_BxTxD.shape[0], s))
+      mask = key_pos[:, None, :] <= positions_BxT[:, :, None]
+      keys, values = keys.astype(dt), values.astype(dt)
+    if self.kind == "local":
+      mask = mask & (positions_BxT[:, :, None] - key_pos[:, None, :] < cfg.sliding_window)
+
+    b, t = q.shape[:2]
+    q = q.reshape(b, t, k, n // k, h)  # grouped-query attention
+    logits = jnp.einsum("btkgh,bskh->bkgts", q, keys).astype(jnp.float32)
+    logits = _softcap(logits, cfg.attn_softcap)
+    logits = jnp.where(mask[:, None, None], logits, _NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, values).reshape(b, t, n, h)
+    out = nn.with_logical_constraint(out, ("act_batch", "act_len", "act_heads", None))
+    y = jnp.einsum("btnh,nhd->btd", out, wo.astype(dt))
+    if cfg.use_bias:
+      y = y + _param(self, "o_bias", nn.initializers.zeros, (d,), ("norm",), pdt).astype(dt)
+    return y, new_cache
+
+
+class Mlp(nn.Module):
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD):
+    cfg = self.config
+    dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    d, f = cfg.d_model, cfg.d_ff
+    w_up = _param(self, "up", nn.initializers.normal(d ** -0.5), (d, f), ("embed", "mlp"), pdt)
+    hid = jnp.einsum("btd,df->btf", x_BxTxD, w_up.astype(dt))
+    if cfg.use_bias:
+      hid = hid + _param(self, "up_bias", nn.initializers.zeros, (f,), ("mlp",), pdt).astype(dt)
+    if cfg.mlp == "geglu":
+      w_gate = _param(self, "gate", nn.initializers.normal(d ** -0.5), (d, f), ("embed", "mlp"),
+                      pdt)
+      hid = jax.nn.gelu(jnp.einsum("btd,df->btf", x_BxTxD, w_gate.astype(dt))) * hid
+    else:
+      hid = jax.nn.gelu(hid)
+    hid = nn.with_logical_constraint(hid, ("act_batch", "act_len", "act_mlp"))
+    w_down = _param(self, "down", nn.initializers.normal(f ** -0.5), (f, d), ("mlp", "embed"), pdt)
+    y = jnp.einsum("btf,fd->btd", hid, w_down.astype(dt))
+    if cfg.use_bias:
+      y = y + _param(self, "down_bias", nn.initializers.zeros, (d,), ("norm",), pdt).astype(dt)
+    return y
+
+
+class Block(nn.Module):
+  config: ModelConfig
+  kind: str
+
+  @nn.compact
+  def __call__(self, x, positions, segment_ids, cache):
+    cfg = self.config
+    h, new_cache = Attention(cfg, self.kind, name="attn")(
+        Norm(cfg, name="pre_attn_norm")(x), positions, segment_ids, cache)
+    if cfg.post_norms:
+      h = Norm(cfg, name="post_attn_norm")(h)
+    x = x + h
+    h = Mlp(cfg, name="mlp")(Norm(cfg, name="pre_mlp_norm")(x))
+    if cfg.post_norms:
+      h = Norm(cfg, name="post_mlp_norm")(h)
+    x = x + h
+    x = nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
+    return x, new_cache
+
+
+class Transformer(nn.Module):
+  """Decoder. `__call__` returns (logits_BxTxV, new_cache or None)."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxT: Array, positions_BxT: Optional[Array] = None,
+               segment_ids_BxT: Optional[Array] = None, cache: Optional[Cache] = None,
+               *, return_hidden: bool = False):
+    cfg = self.config
+    dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    b, t = tokens_BxT.shape
+    if positions_BxT is None:
+      positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
+    if segment_ids_BxT is None:
+      segment_ids_BxT = jnp.ones((b, t), jnp.int32)
+    # With the sqrt(d) input scale, std d^-0.5 gives unit-scale inputs and O(1) tied logits.
+    emb_std = cfg.d_model ** -0.5 if cfg.embed_scale else 0.02
+    embedding = _param(self, "embedding", nn.initializers.normal(stddev=emb_std),
+                       (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), pdt)
+    x = jnp.take(embedding, tokens_BxT, axis=0).astype(dt)
+    if cfg.embed_scale:
+      x = x * jnp.asarray(math.sqrt(cfg.d_model), dt)
+    if cfg.position == "learned":
+      table = _param(self, "pos_embedding", nn.initializers.normal(stddev=0.02),
+                     (cfg.max_len, cfg.d_model), (None, "embed"), pdt)
+      x = x + jnp.take(table, positions_BxT, axis=0).astype(dt)
+    x = nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
+
+    block_cls = nn.remat(Block) if cfg.remat else Block
+    new_cache = {} if cache is not None else None
+    for i in range(cfg.num_layers):
+      name = f"layer_{i}"
+      x, c = block_cls(cfg, cfg.attention_kind(i), name=name)(
+          x, positions_BxT, segment_ids_BxT, None if cache is None else cache[name])
+      if cache is not None:
+        new_cache[name] = c
+    x = Norm(cfg, name="final_norm")(x)
+    if return_hidden:
+      return x, new_cache
+    if cfg.tie_embeddings:
+      logits = jnp.einsum("btd,vd->btv", x, embedding.astype(dt))
+    else:
+      head = _param(self, "lm_head", nn.initializers.normal(cfg.d_model ** -0.5),
+                    (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pdt)
+      logits = jnp.einsum("btd,dv->btv", x, head.astype(dt))
+    logits = _softcap(logits.astype(jnp.float32), cfg.final_softcap)
+    logits = nn.with_logical_constraint(logits, ("act_batch", "act_len", "act_vocab"))
+    return logits, new_cache
+
+
+CACHE_AXES = ("cache_batch", "cache_len", "act_kv_heads", None)
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> Cache:
+  """Zero KV cache for `batch` rows and `max_len` slots per layer."""
+  dtype = jnp.dtype(dtype or cfg.dtype)
+  shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  return {f"layer_{i}": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+          for i in range(cfg.num_layers)}
+
+
+def cache_logical_axes(cfg: ModelConfig) -> dict:
+  return {f"layer_{i}": {"k": CACHE_AXES, "v": CACHE_AXES} for i in range(cfg.num_layers)}
+
+
+def count_params(params) -> int:
+  """Number of parameters of a (possibly abstract, possibly boxed) parameter tree."""
+  leaves = jax.tree_util.tree_leaves(nn.meta.unbox(params))
+  return int(sum(math.prod(x.shape) for x in leaves))

@@ -1,0 +1,150 @@
+"""Batched sampling with a KV cache: prefill + decode loop, all inside one jit.
+
+Rows: prompt b's K samples are rows b*K .. b*K+K-1 of every output. Prompts of different
+lengths share a batch: they are right-padded to P and each row decodes from its own length
+(`transformer` writes each token into the cache slot equal to its position, and masks slots
+after it, so the padding that prefill wrote is never attended to and is overwritten).
+
+Returned log-probs are those of the model's own distribution (temperature 1, no top-k/top-p
+filtering) for the token that was chosen: what PPO ratios, KL penalties and scoring need.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qdc_jax import sharding as sharding_lib
+from qdc_jax.models import transformer
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  max_new_tokens: int
+  num_samples: int = 1  # K samples per prompt
+  temperature: float = 1.0
+  top_k: int = 0  # 0 = off
+  top_p: float = 1.0  # 1.0 = off
+  greedy: bool = False
+  eos_id: int = 2
+  pad_id: int = 0
+
+
+class SampleOutput(NamedTuple):
+  tokens: jax.Array  # [B*K, N] generated tokens, pad_id after the stop token
+  lengths: jax.Array  # [B*K] generated tokens per row, EOS included when produced
+  logprobs: jax.Array  # [B*K, N] log p(token) under the model, 0 after the stop
+
+
+def filter_logits(logits_BxV: jax.Array, *, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+  """Mask (to -inf) tokens outside the top-k and outside the top-p nucleus."""
+  if top_k and top_k > 0:
+    kth = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
+    logits_BxV = jnp.where(logits_BxV < kth, -jnp.inf, logits_BxV)
+  if top_p < 1.0:
+    sorted_logits = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Keep a token if the mass strictly before it is < top_p: the top token always stays.
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    kept = jnp.where(mass_before < top_p, sorted_logits, jnp.inf)
+    threshold = jnp.min(kept, axis=-1, keepdims=True)
+    logits_BxV = jnp.where(logits_BxV < threshold, -jnp.inf, logits_BxV)
+  return logits_BxV
+
+
+def choose_tokens(logits_BxV: jax.Array, rng: jax.Array, sp: SamplingParams) -> jax.Array:
+  if sp.greedy or sp.temperature == 0.0:
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  scaled = logits_BxV.astype(jnp.float32) / sp.temperature
+  scaled = filter_logits(scaled, top_k=sp.top_k, top_p=sp.top_p)
+  return jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
+
+
+def sample(params, prompts_BxP: jax.Array, prompt_lengths_B: jax.Array, rng: jax.Array, *,
+           model: transformer.Transformer, sp: SamplingParams) -> SampleOutput:
+  """Pure sampling function; jit it with `jit_sample` (or `jax.jit` + static config)."""
+  cfg = model.config
+  b, p = prompts_BxP.shape
+  k, n = sp.num_samples, sp.max_new_tokens
+  cache = transformer.init_cache(cfg, b, p + n)
+  cache = nn.with_logical_constraint(cache, transformer.cache_logical_axes(cfg))
+  positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32)[None], (b, p))
+  logits, cache = model.apply({"params": params}, prompts_BxP, positions, cache=cache)
+  last = jnp.take_along_axis(logits, (prompt_lengths_B - 1)[:, None, None], axis=1)[:, 0]
+  # Prefill once per prompt, then copy its cache to the K sample rows.
+  if k > 1:
+    cache = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), cache)
+    last = jnp.repeat(last, k, axis=0)
+  cache = nn.with_logical_constraint(cache, transformer.cache_logical_axes(cfg))
+  start = jnp.repeat(prompt_lengths_B.astype(jnp.int32), k)
+  rows = b * k
+
+  def cond(carry):
+    i, _, _, _, done, _, _ = carry
+    return (i < n) & ~jnp.all(done)
+
+  def body(carry):
+    i, tokens, logps, lengths, done, last_logits, cache = carry
+    tok = choose_tokens(last_logits, jax.random.fold_in(rng, i), sp)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(last_logits.astype(jnp.float32), -1),
+                               tok[:, None], axis=-1)[:, 0]
+    tok = jnp.where(done, sp.pad_id, tok)
+    logp = jnp.where(done, 0.0, logp)
+    tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, i))
+    logps = jax.lax.dynamic_update_slice(logps, logp[:, None], (0, i))
+    lengths = lengths + (~done).astype(jnp.int32)
+    done = done | (tok == sp.eos_id)
+    logits, cache = model.apply({"params": params}, tok[:, None], (start + i)[:, None],
+                                cache=cache)
+    return i + 1, tokens, logps, lengths, done, logits[:, 0], cache
+
+  init = (jnp.zeros((), jnp.int32), jnp.full((rows, n), sp.pad_id, jnp.int32),
+          jnp.zeros((rows, n), jnp.float32), jnp.zeros((rows,), jnp.int32),
+          jnp.zeros((rows,), jnp.bool_), last, cache)
+  _, tokens, logps, lengths, _, _, _ = jax.lax.while_loop(cond, body, init)
+  return SampleOutput(tokens, lengths, logps)
+
+
+def jit_sample(model: transformer.Transformer, sp: SamplingParams, mesh=None, rules=None,
+               param_shardings=None):
+  """Jitted `sample(params, prompts, lengths, rng)`; sharded over the data axes on a mesh."""
+  fn = functools.partial(sample, model=model, sp=sp)
+  if mesh is None:
+    return jax.jit(fn)
+  rules = rules or sharding_lib.DEFAULT_RULES
+  batch2 = sharding_lib.batch_sharding(mesh, rules, 2)
+  batch1 = sharding_lib.batch_sharding(mesh, rules, 1)
+  rep = sharding_lib.replicated(mesh)
+  jitted = jax.jit(fn, in_shardings=(param_shardings, batch2, batch1, rep),
+                   out_shardings=SampleOutput(batch2, batch1, batch2))
+
+  def run(params, prompts, lengths, rng):
+    with sharding_lib.activation_rules(mesh, rules):
+      return jitted(params, prompts, lengths, rng)
+  return run
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 16,
+                min_rows: int = 1) -> tuple[np.ndarray, np.ndarray]:
+  """Right-pad token lists to a shared length (rounded up to `multiple`, to limit recompiles).
+
+  Rows are padded up to a multiple of `min_rows` with copies of the last prompt (so a batch
+  divides the data axes); callers drop outputs beyond len(prompts).
+  """
+  if not prompts:
+    raise ValueError("pad_prompts needs at least one prompt")
+  if any(len(x) == 0 for x in prompts):
+    raise ValueError("Every prompt needs at least one token (e.g. BOS)")
+  rows = list(prompts) + [prompts[-1]] * ((-len(prompts)) % max(1, min_rows))
+  p = max(len(x) for x in rows)
+  p = -(-p // multiple) * multiple
+  out = np.full((len(rows), p), pad_id, np.int32)
+  for i, x in enumerate(rows):
+    out[i, :len(x)] = x
+  return out, np.asarray([len(x) for x in rows], np.int32)
