@@ -292,7 +292,6 @@ class SentencePieceTokenizer:
     return self._sp.id_to_piece(int(token_id))
 
 
-_KINDS = {"char": CharTokenizer, "sentencepiece": SentencePieceTokenizer}
 
 
 def make_tokenizer(kind: str, **kwargs: Any) -> Tokenizer:
@@ -308,6 +307,10 @@ def make_tokenizer(kind: str, **kwargs: Any) -> Tokenizer:
   Raises:
     ValueError: unknown `kind`.
   """
-  if kind not in _KINDS:
-    raise ValueError(f"Unknown tokenizer kind {kind!r}; expected one of {sorted(_KINDS)}.")
-  return _KINDS[kind](**kwargs)
+  from qdc_jax import registry  # pylint: disable=g-import-not-at-top
+
+  try:
+    cls = registry.get("tokenizer", kind)
+  except KeyError as e:
+    raise ValueError(e.args[0]) from None
+  return cls(**kwargs)

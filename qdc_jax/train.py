@@ -86,7 +86,7 @@ def train_step(state, batch, rng, *, model: nn.Module, tx: optax.GradientTransfo
   denom = jnp.maximum(aux["tokens"], 1.0)
   grads = jax.tree.map(lambda g: g / denom, grads)
   loss = loss_sum / denom
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   updates, new_opt_state = tx.update(grads, state["opt_state"], params)
   new_params = optax.apply_updates(params, updates)
   ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & ~state["nonfinite"]

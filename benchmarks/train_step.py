@@ -1,0 +1,485 @@
+r"""Train-step throughput and MFU of the qdc_jax train step against a plain PyTorch twin.
+
+For each model: tokens/s of the jitted `qdc_jax.train.train_step` (AdamW + global-norm
+clipping, f32, one-device mesh), its MFU against the f32 matmul peak measured in this run, and
+the tokens/s of a PyTorch implementation of the same architecture (written below, eager,
+f32, same batch, same AdamW + clipping), started from the same initial weights. The first
+step's loss and gradient norm of both are compared, to check that the two compute the same
+function.
+
+Model FLOPs per step (PaLM appendix B convention, no causal discount, no recompute):
+  6 * N * tokens + 12 * num_layers * seq_len * (num_heads * head_dim) * tokens
+with N = non-embedding parameters + vocab * d_model (the tied output matmul), i.e. every
+parameter except the token/position tables, plus the output projection.
+
+  python benchmarks/train_step.py                       # all three models
+  python benchmarks/train_step.py --models=bench_d512 --out=/tmp/x.json
+  XLA_FLAGS=--xla_cpu_multi_thread_eigen=false python benchmarks/train_step.py
+
+Not a test; prints a markdown table and writes JSON to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import os
+import sys
+import time
+import types
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
+DEFAULT_SHAPES = {  # model -> (batch, seq_len)
+    "lab_tiny": (32, 128),
+    "bench_d512": (16, 256),
+    "gpt2_125m": (4, 128),
+}
+
+OPT = types.SimpleNamespace(lr=3e-4, warmup_steps=100, total_steps=10_000, final_lr_ratio=0.1,
+                            b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0)
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def flops_per_step(cfg, n_params_total: int, batch: int, seq: int) -> dict:
+  emb = cfg.vocab_size * cfg.d_model
+  pos = cfg.max_len * cfg.d_model if cfg.position == "learned" else 0
+  # Tied: the table is counted once, for the output matmul (its lookup is free).
+  # Untied: the lm_head is a normal parameter and the lookup table is excluded.
+  n_matmul = n_params_total - pos - (0 if cfg.tie_embeddings else emb)
+  tokens = batch * seq
+  dense = 6.0 * n_matmul * tokens
+  attn = 12.0 * cfg.num_layers * seq * cfg.num_heads * cfg.head_dim * tokens
+  return {"n_params_total": n_params_total, "n_nonembedding": n_params_total - emb - pos,
+          "n_flops_params": n_matmul, "dense_flops": dense, "attn_flops": attn,
+          "flops": dense + attn, "tokens": tokens}
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def make_batch(vocab: int, batch: int, seq: int, seed: int = 0) -> dict:
+  rng = np.random.default_rng(seed)
+  toks = rng.integers(0, vocab, (batch, seq + 1), dtype=np.int64).astype(np.int32)
+  return {"inputs": toks[:, :-1].copy(), "targets": toks[:, 1:].copy(),
+          "loss_mask": np.ones((batch, seq), np.int32),
+          "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (batch, seq)).copy(),
+          "segment_ids": np.ones((batch, seq), np.int32)}
+
+
+# ----------------------------------------------------------------------------- JAX
+
+
+def bench_jax(cfg, batch_np: dict, args) -> tuple[dict, dict, dict]:
+  """Returns (result, numpy copy of the initial params, first-step metrics)."""
+  import jax
+  from qdc_jax import optim, sharding, train
+  from qdc_jax.models import transformer
+
+  b, t = batch_np["inputs"].shape
+  model = transformer.Transformer(cfg)
+  tx = optim.make_optimizer(OPT)
+  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  rules = sharding.DEFAULT_RULES
+  state, shardings = train.create_train_state(jax.random.PRNGKey(0), model=model, tx=tx,
+                                              seq_len=t, mesh=mesh, rules=rules)
+  params0 = jax.device_get(state["params"])  # before the first step donates them
+  n_params = transformer.count_params(state["params"])
+  step = train.jit_train_step(functools.partial(train.train_step, model=model, tx=tx),
+                              shardings, mesh, rules)
+  batch = sharding.put_batch(batch_np, mesh, rules)
+  rng = jax.random.PRNGKey(1)
+
+  t0 = time.perf_counter()
+  state, metrics = step(state, batch, rng)
+  jax.block_until_ready(state)
+  compile_s = time.perf_counter() - t0
+  first = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  for _ in range(args.warmup):
+    state, metrics = step(state, batch, rng)
+  jax.block_until_ready(state)
+
+  holder = [state]
+
+  def one():
+    s, _ = step(holder[0], batch, rng)
+    jax.block_until_ready(s)
+    holder[0] = s
+
+  times = _common.time_calls(one, min_repeats=args.min_repeats, max_repeats=args.max_repeats,
+                             budget_s=args.budget_s)
+  assert not bool(jax.device_get(holder[0]["nonfinite"])), "JAX train step went non-finite"
+  res = dict(_common.summarize(times), compile_plus_first_s=compile_s, n_params=n_params)
+  del holder, state
+  return res, params0, first
+
+
+# ----------------------------------------------------------------------------- PyTorch
+
+
+def build_torch_model(cfg):
+  """A plain PyTorch module with the architecture of `qdc_jax.models.transformer`."""
+  import torch
+  import torch.nn.functional as F
+  from torch import nn
+
+  d, n, k, h, f = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_ff
+  neg = -2.3819763e38
+
+  class Norm(nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      if cfg.norm == "rmsnorm":
+        self.scale = nn.Parameter(torch.zeros(d))  # Gemma: x * (1 + scale)
+      else:
+        self.scale = nn.Parameter(torch.ones(d))
+        self.bias = nn.Parameter(torch.zeros(d))
+
+    def forward(self, x):
+      if cfg.norm == "rmsnorm":
+        return F.rms_norm(x, (d,), 1.0 + self.scale, cfg.norm_eps)
+      return F.layer_norm(x, (d,), self.scale, self.bias, cfg.norm_eps)
+
+  def rope(x, cos, sin):  # x: B,N,T,H; rotate first half against second half
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+  class Attention(nn.Module):
+
+    def __init__(self, kind):
+      super().__init__()
+      self.kind = kind
+      self.q = nn.Linear(d, n * h, bias=cfg.use_bias)
+      self.k = nn.Linear(d, k * h, bias=cfg.use_bias)
+      self.v = nn.Linear(d, k * h, bias=cfg.use_bias)
+      self.o = nn.Linear(n * h, d, bias=cfg.use_bias)
+
+    def forward(self, x, cos, sin, masks):
+      bsz, t, _ = x.shape
+      q = self.q(x).view(bsz, t, n, h).transpose(1, 2)
+      kk = self.k(x).view(bsz, t, k, h).transpose(1, 2)
+      v = self.v(x).view(bsz, t, k, h).transpose(1, 2)
+      if cfg.position == "rope":
+        q, kk = rope(q, cos, sin), rope(kk, cos, sin)
+      mask = masks[self.kind]
+      if cfg.attn_softcap is None:  # fused SDPA kernel where the architecture allows it
+        out = F.scaled_dot_product_attention(q, kk, v, attn_mask=mask, scale=cfg.query_scale,
+                                             enable_gqa=k != n)
+      else:
+        q = (q * cfg.query_scale).view(bsz, k, n // k, t, h)
+        logits = torch.matmul(q, kk.unsqueeze(2).transpose(-1, -2))  # B,K,G,T,S
+        logits = cfg.attn_softcap * torch.tanh(logits / cfg.attn_softcap)
+        logits = logits.masked_fill(~mask, neg)
+        probs = torch.softmax(logits, dim=-1)
+        out = torch.matmul(probs, v.unsqueeze(2)).view(bsz, n, t, h)
+      return self.o(out.transpose(1, 2).reshape(bsz, t, n * h))
+
+  class Mlp(nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.up = nn.Linear(d, f, bias=cfg.use_bias)
+      if cfg.mlp == "geglu":
+        self.gate = nn.Linear(d, f, bias=False)
+      self.down = nn.Linear(f, d, bias=cfg.use_bias)
+
+    def forward(self, x):
+      hid = self.up(x)
+      if cfg.mlp == "geglu":
+        hid = F.gelu(self.gate(x), approximate="tanh") * hid
+      else:
+        hid = F.gelu(hid, approximate="tanh")
+      return self.down(hid)
+
+  class Block(nn.Module):
+
+    def __init__(self, kind):
+      super().__init__()
+      self.pre_attn_norm, self.attn = Norm(), Attention(kind)
+      self.pre_mlp_norm, self.mlp = Norm(), Mlp()
+      if cfg.post_norms:
+        self.post_attn_norm, self.post_mlp_norm = Norm(), Norm()
+
+    def forward(self, x, cos, sin, masks):
+      y = self.attn(self.pre_attn_norm(x), cos, sin, masks)
+      if cfg.post_norms:
+        y = self.post_attn_norm(y)
+      x = x + y
+      y = self.mlp(self.pre_mlp_norm(x))
+      if cfg.post_norms:
+        y = self.post_mlp_norm(y)
+      return x + y
+
+  class LM(nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.embedding = nn.Embedding(cfg.vocab_size, d)
+      if cfg.position == "learned":
+        self.pos_embedding = nn.Embedding(cfg.max_len, d)
+      self.layers = nn.ModuleList(Block(cfg.attention_kind(i)) for i in range(cfg.num_layers))
+      self.final_norm = Norm()
+      if not cfg.tie_embeddings:
+        self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
+
+    def forward(self, tokens):
+      t = tokens.shape[1]
+      x = self.embedding(tokens)
+      if cfg.embed_scale:
+        x = x * math.sqrt(d)
+      pos = torch.arange(t)
+      if cfg.position == "learned":
+        x = x + self.pos_embedding(pos)[None]
+      cos = sin = None
+      if cfg.position == "rope":
+        freq = cfg.rope_base ** (-torch.arange(h // 2, dtype=torch.float32) * 2.0 / h)
+        angle = pos.float()[:, None] * freq  # T, H/2
+        cos, sin = torch.cos(angle), torch.sin(angle)
+      causal = pos[:, None] >= pos[None, :]
+      masks = {"global": causal}
+      if "local" in cfg.layer_pattern:
+        masks["local"] = causal & (pos[:, None] - pos[None, :] < cfg.sliding_window)
+      for layer in self.layers:
+        x = layer(x, cos, sin, masks)
+      x = self.final_norm(x)
+      if cfg.tie_embeddings:
+        logits = x @ self.embedding.weight.t()
+      else:
+        logits = self.lm_head(x)
+      if cfg.final_softcap is not None:
+        logits = cfg.final_softcap * torch.tanh(logits / cfg.final_softcap)
+      return logits
+
+  return LM()
+
+
+def load_jax_params(tmodel, cfg, params) -> None:
+  """Copy a qdc_jax parameter tree into the PyTorch twin (same initial weights)."""
+  import torch
+  d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  sd = {}
+  a = lambda x: torch.from_numpy(np.array(x, np.float32))  # noqa: E731
+
+  def norm(prefix, p):
+    sd[prefix + ".scale"] = a(p["scale"])
+    if "bias" in p:
+      sd[prefix + ".bias"] = a(p["bias"])
+
+  sd["embedding.weight"] = a(params["embedding"])
+  if "pos_embedding" in params:
+    sd["pos_embedding.weight"] = a(params["pos_embedding"])
+  if "lm_head" in params:
+    sd["lm_head.weight"] = a(params["lm_head"]).t()
+  norm("final_norm", params["final_norm"])
+  for i in range(cfg.num_layers):
+    p, pre = params[f"layer_{i}"], f"layers.{i}."
+    for name in ("pre_attn_norm", "post_attn_norm", "pre_mlp_norm", "post_mlp_norm"):
+      if name in p:
+        norm(pre + name, p[name])
+    at = p["attn"]
+    sd[pre + "attn.q.weight"] = a(at["q"]).reshape(d, n * h).t()
+    sd[pre + "attn.k.weight"] = a(at["k"]).reshape(d, k * h).t()
+    sd[pre + "attn.v.weight"] = a(at["v"]).reshape(d, k * h).t()
+    sd[pre + "attn.o.weight"] = a(at["o"]).reshape(n * h, d).t()
+    for name in ("q", "k", "v"):
+      if name + "_bias" in at:
+        sd[pre + f"attn.{name}.bias"] = a(at[name + "_bias"]).reshape(-1)
+    if "o_bias" in at:
+      sd[pre + "attn.o.bias"] = a(at["o_bias"])
+    m = p["mlp"]
+    sd[pre + "mlp.up.weight"] = a(m["up"]).t()
+    sd[pre + "mlp.down.weight"] = a(m["down"]).t()
+    if "gate" in m:
+      sd[pre + "mlp.gate.weight"] = a(m["gate"]).t()
+    if "up_bias" in m:
+      sd[pre + "mlp.up.bias"] = a(m["up_bias"])
+    if "down_bias" in m:
+      sd[pre + "mlp.down.bias"] = a(m["down_bias"])
+  tmodel.load_state_dict({kk: v.contiguous() for kk, v in sd.items()}, strict=True)
+
+
+def bench_torch(cfg, batch_np: dict, params0, args) -> tuple[dict, dict]:
+  import torch
+  import torch.nn.functional as F
+
+  torch.manual_seed(0)
+  model = build_torch_model(cfg)
+  load_jax_params(model, cfg, params0)
+  decay = [p for p in model.parameters() if p.ndim >= 2]  # matrices and tables
+  no_decay = [p for p in model.parameters() if p.ndim < 2]  # norms and biases
+  groups = [{"params": decay, "weight_decay": OPT.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+  adam_kw = dict(lr=OPT.lr, betas=(OPT.b1, OPT.b2), eps=OPT.eps)
+  try:
+    opt = torch.optim.AdamW(groups, fused=True, **adam_kw)
+    impl = "fused"
+  except (RuntimeError, TypeError, ValueError):
+    opt = torch.optim.AdamW(groups, foreach=True, **adam_kw)
+    impl = "foreach"
+
+  def lr_factor(step):  # the optax warmup + cosine schedule, as a multiplier of lr
+    if step < OPT.warmup_steps:
+      return step / max(1, OPT.warmup_steps)
+    frac = min(1.0, (step - OPT.warmup_steps) / max(1, OPT.total_steps - OPT.warmup_steps))
+    return OPT.final_lr_ratio + (1 - OPT.final_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+
+  sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+  inputs = torch.from_numpy(batch_np["inputs"]).long()
+  targets = torch.from_numpy(batch_np["targets"]).long()
+  mask = torch.from_numpy(batch_np["loss_mask"]).float()
+
+  def step():
+    opt.zero_grad(set_to_none=True)
+    logits = model(inputs)
+    nll = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.view(-1),
+                          reduction="none").view_as(mask)
+    denom = mask.sum().clamp_min(1.0)
+    loss = (nll * mask).sum() / denom
+    with torch.no_grad():
+      acc = ((logits.argmax(-1) == targets).float() * mask).sum() / denom
+    loss.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), OPT.grad_clip, foreach=True)
+    if torch.isfinite(loss) and torch.isfinite(gnorm):  # the JAX step's non-finite guard
+      opt.step()
+    sched.step()
+    return {"loss": float(loss), "grad_norm": float(gnorm), "accuracy": float(acc)}
+
+  t0 = time.perf_counter()
+  first = step()
+  first_s = time.perf_counter() - t0
+  for _ in range(args.warmup):
+    step()
+  times = _common.time_calls(step, min_repeats=args.min_repeats, max_repeats=args.max_repeats,
+                             budget_s=args.budget_s)
+  res = dict(_common.summarize(times), first_step_s=first_s, adamw=impl,
+             threads=torch.get_num_threads())
+  return res, first
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--models", default="lab_tiny,bench_d512,gpt2_125m",
+                  help="comma-separated names from qdc_jax.models.configs")
+  ap.add_argument("--shapes", default="",
+                  help="override shapes, e.g. 'bench_d512=16x256,gpt2_125m=4x128'")
+  ap.add_argument("--out", default="/tmp/qdc_bench/train_step.json", help="JSON output path")
+  ap.add_argument("--warmup", type=int, default=2, help="untimed steps after the first")
+  ap.add_argument("--min_repeats", type=int, default=5)
+  ap.add_argument("--max_repeats", type=int, default=30)
+  ap.add_argument("--budget_s", type=float, default=15.0,
+                  help="timing budget per model and framework (after min_repeats)")
+  ap.add_argument("--peak_n", type=int, default=2048, help="size of the peak matmul")
+  ap.add_argument("--peak_repeats", type=int, default=20)
+  ap.add_argument("--torch_threads", type=int, default=2)
+  ap.add_argument("--skip_torch", action="store_true")
+  args = ap.parse_args(argv)
+
+  import jax
+  import torch
+  from qdc_jax.models import configs
+
+  torch.set_num_threads(args.torch_threads)
+  shapes = dict(DEFAULT_SHAPES)
+  for item in filter(None, args.shapes.split(",")):
+    name, bt = item.split("=")
+    shapes[name] = tuple(int(x) for x in bt.lower().split("x"))
+  info = _common.machine_info()
+  print(f"# train_step benchmark  {info['date']}  load {info['loadavg_1_5_15']}  "
+        f"cpu {info['cpu']} x{info['cores']}  XLA_FLAGS={info['xla_flags']!r}")
+  print(f"# jax backend {jax.default_backend()} devices {jax.devices()}")
+
+  peaks = {"jax_before": _common.jax_matmul_peak(args.peak_n, args.peak_repeats),
+           "torch_before": _common.torch_matmul_peak(args.peak_n, args.peak_repeats)}
+  print(f"# f32 matmul {args.peak_n}^3: jax median {peaks['jax_before']['median_gflops']:.1f} "
+        f"GFLOP/s (best {peaks['jax_before']['best_gflops']:.1f}); torch median "
+        f"{peaks['torch_before']['median_gflops']:.1f} (best "
+        f"{peaks['torch_before']['best_gflops']:.1f})")
+
+  rows = []
+  for name in filter(None, args.models.split(",")):
+    cfg = configs.get_model_config(name)
+    b, t = shapes[name]
+    batch_np = make_batch(cfg.vocab_size, b, t)
+    load0 = _common.load_average()[0]
+    jres, params0, jfirst = bench_jax(cfg, batch_np, args)
+    fl = flops_per_step(cfg, jres["n_params"], b, t)
+    row = {"model": name, "batch": b, "seq": t, "tokens": fl["tokens"], **fl,
+           "jax": jres, "jax_first_step": jfirst, "load1_start": load0}
+    row["jax_tok_s"] = fl["tokens"] / jres["median_s"]
+    row["jax_step_ms"] = 1e3 * jres["median_s"]
+    row["jax_gflops"] = fl["flops"] / jres["median_s"] / 1e9
+    if not args.skip_torch:
+      tres, tfirst = bench_torch(cfg, batch_np, params0, args)
+      row.update(torch=tres, torch_first_step=tfirst)
+      row["torch_tok_s"] = fl["tokens"] / tres["median_s"]
+      row["torch_step_ms"] = 1e3 * tres["median_s"]
+      row["torch_gflops"] = fl["flops"] / tres["median_s"] / 1e9
+      row["ratio"] = row["jax_tok_s"] / row["torch_tok_s"]
+      row["loss_diff"] = abs(jfirst["loss"] - tfirst["loss"])
+      row["gnorm_rel_diff"] = abs(jfirst["grad_norm"] - tfirst["grad_norm"]) / max(
+          1e-12, abs(jfirst["grad_norm"]))
+    del params0
+    row["load1_end"] = _common.load_average()[0]
+    rows.append(row)
+    print(f"# {name}: jax {row['jax_step_ms']:.1f} ms/step"
+          + (f", torch {row['torch_step_ms']:.1f} ms/step" if "torch_step_ms" in row else ""),
+          flush=True)
+
+  peaks["jax_after"] = _common.jax_matmul_peak(args.peak_n, args.peak_repeats)
+  peaks["torch_after"] = _common.torch_matmul_peak(args.peak_n, args.peak_repeats)
+  # Peak = the larger of the two medians (before / after the models): conservative MFU.
+  jax_peak = max(peaks["jax_before"]["median_gflops"], peaks["jax_after"]["median_gflops"])
+  torch_peak = max(peaks["torch_before"]["median_gflops"],
+                   peaks["torch_after"]["median_gflops"])
+  for row in rows:
+    row["jax_mfu"] = row["jax_gflops"] / jax_peak
+    if "torch_gflops" in row:
+      row["torch_mfu_vs_torch_peak"] = row["torch_gflops"] / torch_peak
+      row["torch_mfu_vs_jax_peak"] = row["torch_gflops"] / jax_peak
+
+  print(f"\nf32 matmul peak ({args.peak_n}x{args.peak_n} @ {args.peak_n}x{args.peak_n}, "
+        f"median of {args.peak_repeats}; before / after the models):")
+  print(_common.format_table([
+      {"lib": "jax (jnp.dot, jit)", "before": peaks["jax_before"]["median_gflops"],
+       "after": peaks["jax_after"]["median_gflops"], "best": max(
+           peaks["jax_before"]["best_gflops"], peaks["jax_after"]["best_gflops"]),
+       "used": jax_peak},
+      {"lib": f"torch.matmul ({args.torch_threads} threads)",
+       "before": peaks["torch_before"]["median_gflops"],
+       "after": peaks["torch_after"]["median_gflops"], "best": max(
+           peaks["torch_before"]["best_gflops"], peaks["torch_after"]["best_gflops"]),
+       "used": torch_peak},
+  ], [("lib", "library", ""), ("before", "GFLOP/s before", ".1f"),
+      ("after", "GFLOP/s after", ".1f"), ("best", "best single call", ".1f"),
+      ("used", "peak used for MFU", ".1f")]))
+  print("\nTrain step (f32, AdamW + clip; median step time; MFU vs the peak above):")
+  print(_common.format_table(rows, [
+      ("model", "model", ""), ("batch", "B", "d"), ("seq", "T", "d"),
+      ("n_flops_params", "N (FLOP params)", ",d"), ("flops", "FLOP/step", ".3e"),
+      ("jax_step_ms", "JAX ms/step", ".1f"), ("jax_tok_s", "JAX tok/s", ",.0f"),
+      ("jax_mfu", "JAX MFU", ".1%"), ("torch_step_ms", "Torch ms/step", ".1f"),
+      ("torch_tok_s", "Torch tok/s", ",.0f"), ("torch_mfu_vs_torch_peak", "Torch MFU (own peak)",
+                                                ".1%"),
+      ("ratio", "JAX/Torch", ".2f"), ("loss_diff", "|dloss| step 1", ".1e"),
+      ("gnorm_rel_diff", "rel d|g| step 1", ".1e")]))
+  info_end = _common.load_average()
+  payload = {"benchmark": "train_step", "machine": info, "load_end": info_end,
+             "args": vars(args), "optimizer": vars(OPT), "peaks": peaks,
+             "jax_peak_gflops": jax_peak, "torch_peak_gflops": torch_peak, "rows": rows,
+             "flops_formula": "6*(params - position table [- untied input table])*tokens + "
+                              "12*layers*seq*(heads*head_dim)*tokens"}
+  _common.write_json(args.out, payload)
+
+
+if __name__ == "__main__":
+  main()

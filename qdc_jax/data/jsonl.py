@@ -1,0 +1,34 @@
+"""(prompt, completion) records from JSONL files, with errors that name file, line and field."""
+
+from __future__ import annotations
+
+import json
+
+
+def read_records(path: str, prompt_key: str = "prompt",
+                 completion_key: str = "completion") -> list[dict]:
+  """Rows of a JSONL file as {'prompt', 'completion'} dicts."""
+  out = []
+  try:
+    f = open(path, encoding="utf-8")
+  except FileNotFoundError:
+    raise FileNotFoundError(f"No such data file: {path} (set --config.data.train_path / "
+                            f"eval_path)") from None
+  with f:
+    for i, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+      if not isinstance(row, dict):
+        raise ValueError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+      for key in (prompt_key, completion_key):
+        if key not in row:
+          raise ValueError(f"{path}:{i}: missing field {key!r} (fields: {sorted(row)})")
+        if not isinstance(row[key], str):
+          raise ValueError(f"{path}:{i}: field {key!r} must be a string, got "
+                           f"{type(row[key]).__name__}")
+      out.append({"prompt": row[prompt_key], "completion": row[completion_key]})
+  return out

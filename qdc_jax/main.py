@@ -1,0 +1,100 @@
+r"""Entry point: `python -m qdc_jax.main --config=configs/X.py --workdir=DIR [--config.a.b=v]`.
+
+Runs `registry.get("experiment", config.experiment)(config, workdir)`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging as py_logging
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from qdc_jax import registry
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory: checkpoints, metrics, "
+                               "TensorBoard, reports. Re-running on it resumes.")
+
+
+def _keys(c, prefix=""):
+  out = []
+  for k, v in c.items():
+    out.append(prefix + k)
+    if hasattr(v, "items"):
+      out += _keys(v, prefix + k + ".")
+  return out
+
+
+def _check_overrides(argv_all, config) -> None:
+  """ml_collections reports unknown override keys with a bare KeyError; say it plainly."""
+  valid = set(_keys(config))
+  for arg in argv_all:
+    if arg.startswith("--config.") and "=" in arg:
+      key = arg[len("--config."):].split("=", 1)[0]
+      if key not in valid:
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        siblings = sorted(k for k in valid if k != parent and (
+            k.rsplit(".", 1)[0] == parent if parent else "." not in k))
+        raise app.UsageError(f"Unknown config key {key!r} in {arg!r}. Valid keys"
+                             f"{' under ' + parent if parent else ''}: {', '.join(siblings)}")
+
+
+class _QuietOrbax(py_logging.Filter):
+  """Orbax logs every save phase at INFO; keep its warnings, drop the chatter."""
+
+  def filter(self, record):
+    return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv):
+  logging.get_absl_handler().addFilter(_QuietOrbax())
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  if config is None or _WORKDIR.value is None:
+    raise app.UsageError("Both --config=configs/X.py and --workdir=DIR are required.")
+  if "experiment" not in config:
+    raise app.UsageError("The config has no `experiment` field; valid experiments: "
+                         + ", ".join(registry.names("experiment")))
+  try:
+    run = registry.get("experiment", config.experiment)
+  except KeyError as e:
+    raise app.UsageError(e.args[0]) from None
+  os.makedirs(_WORKDIR.value, exist_ok=True)
+  with open(os.path.join(_WORKDIR.value, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  logging.info("Experiment %s -> %s", config.experiment, _WORKDIR.value)
+  run(config, _WORKDIR.value)
+
+
+def _load_config(spec: str):
+  """configs/x.py[:arg] -> ConfigDict, as ml_collections' config flag loads it."""
+  path, _, arg = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("_qdc_config", path)
+  if module_spec is None or not os.path.exists(path):
+    raise app.UsageError(f"Config file not found: {path}")
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def _entry():
+  # Check override keys before absl parses them: its own failure is an opaque traceback.
+  argv = sys.argv
+  cfg_arg = [a for a in argv if a.startswith("--config=")]
+  if cfg_arg and any(a.startswith("--config.") for a in argv):
+    try:
+      _check_overrides(argv, _load_config(cfg_arg[-1].split("=", 1)[1]))
+    except app.UsageError as e:
+      print(f"FATAL: {e}", file=sys.stderr)
+      sys.exit(2)
+  app.run(main)
+
+
+if __name__ == "__main__":
+  _entry()

@@ -1,0 +1,47 @@
+"""One string registry for everything a config picks by name.
+
+Kinds: "experiment", "tokenizer", and later "reward", "mutator", "annotator", "filter",
+"strategy". Entries are registered either as objects or as lazy "module:attribute" strings,
+so choosing an experiment does not import every other workload.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+_REGISTRY: dict[str, dict[str, Any]] = {}
+
+
+def register(kind: str, name: str, obj: Any = None) -> Any:
+  """`register(kind, name, obj)`, or `@register(kind, name)` as a decorator."""
+  def add(o):
+    table = _REGISTRY.setdefault(kind, {})
+    if name in table and table[name] is not o:
+      raise ValueError(f"{kind} {name!r} is registered twice")
+    table[name] = o
+    return o
+  return add if obj is None else add(obj)
+
+
+def names(kind: str) -> list[str]:
+  return sorted(_REGISTRY.get(kind, {}))
+
+
+def get(kind: str, name: str) -> Any:
+  """The entry, importing lazy "module:attr" entries; unknown names list the valid ones."""
+  table = _REGISTRY.get(kind, {})
+  if name not in table:
+    raise KeyError(f"Unknown {kind} {name!r}; valid choices: {', '.join(names(kind)) or 'none'}")
+  obj = table[name]
+  if isinstance(obj, str) and ":" in obj:
+    module, attr = obj.split(":")
+    obj = getattr(importlib.import_module(module), attr)
+  return obj
+
+
+# Experiments: one run(config, workdir) each.
+register("experiment", "lm", "qdc_jax.experiments.lm:run")
+
+register("tokenizer", "char", "qdc_jax.tokenizers:CharTokenizer")
+register("tokenizer", "sentencepiece", "qdc_jax.tokenizers:SentencePieceTokenizer")
