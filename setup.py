@@ -17,13 +17,15 @@ INSTALL_REQUIRES = [
     "safetensors>=0.4",
     "tensorboard>=2.15",
     "matplotlib>=3.8",
+    "math-verify>=0.7",
 ]
 
+# Hugging Face parity tests (Gemma-2 import/export) and the PyTorch / HF baselines in
+# benchmarks/. torch is pinned to the 2.13.0 CPU build: an unpinned torch pulls GBs of CUDA.
+_TORCH = ["torch==2.13.0", "transformers>=4.44"]
 EXTRAS = {
-    "test": ["pytest>=8", "hypothesis>=6.100"],
-    # Parity tests and PyTorch/HF baselines in benchmarks/. The CPU build of torch==2.13.0
-    # is pinned: an unpinned torch pulls GBs of CUDA packages.
-    "full": ["torch==2.13.0", "transformers>=4.44"],
+    "test": ["pytest>=8", "hypothesis>=6.100"] + _TORCH,
+    "full": _TORCH,
 }
 
 setuptools.setup(

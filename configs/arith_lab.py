@@ -15,7 +15,7 @@ from qdc_jax import fit
 def get_config(arg: str = ""):
   c = ml_collections.ConfigDict()
   c.experiment = "lm"  # qdc_jax.registry experiment name
-  c.model = config_lib.model_section("lab_small")  # a named model; fields override it
+  c.model = config_lib.model_section("lab_tiny")  # a named model; fields override it
   c.mesh = config_lib.mesh_section((-1, 1, 1))
 
   c.tokenizer = ml_collections.ConfigDict()
@@ -32,9 +32,9 @@ def get_config(arg: str = ""):
   c.data.eval_path = ""
 
   c.train = fit.default_train_config()
-  c.train.steps = 600
-  c.train.batch_size = 32
-  c.train.seq_len = 320  # covers ~99% of in-distribution problems
+  c.train.steps = 400
+  c.train.batch_size = 16
+  c.train.seq_len = 256  # covers ~90% of in-distribution problems; longer ones are cut
   c.train.log_every = 50
   c.train.save_every = 200
   c.train.opt.lr = 3e-3

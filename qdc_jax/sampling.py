@@ -34,6 +34,15 @@ class SamplingParams:
   greedy: bool = False
   eos_id: int = 2
   pad_id: int = 0
+  # More tokens that end a row (e.g. Gemma's <end_of_turn>, 107, besides <eos>).
+  extra_stop_ids: tuple[int, ...] = ()
+  # Ids >= this are never chosen (Kaggle Gemma tables have 128 rows past the tokenizer's
+  # 256000); 0 = every id of the model's vocabulary.
+  valid_vocab_size: int = 0
+
+  @property
+  def stop_ids(self) -> tuple[int, ...]:
+    return (self.eos_id,) + tuple(self.extra_stop_ids)
 
 
 class SampleOutput(NamedTuple):
@@ -59,6 +68,9 @@ def filter_logits(logits_BxV: jax.Array, *, top_k: int = 0, top_p: float = 1.0) 
 
 
 def choose_tokens(logits_BxV: jax.Array, rng: jax.Array, sp: SamplingParams) -> jax.Array:
+  if sp.valid_vocab_size:
+    ids = jnp.arange(logits_BxV.shape[-1])
+    logits_BxV = jnp.where(ids < sp.valid_vocab_size, logits_BxV, -jnp.inf)
   if sp.greedy or sp.temperature == 0.0:
     return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
   scaled = logits_BxV.astype(jnp.float32) / sp.temperature
@@ -75,8 +87,9 @@ def sample(params, prompts_BxP: jax.Array, prompt_lengths_B: jax.Array, rng: jax
   cache = transformer.init_cache(cfg, b, p + n)
   cache = nn.with_logical_constraint(cache, transformer.cache_logical_axes(cfg))
   positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32)[None], (b, p))
-  logits, cache = model.apply({"params": params}, prompts_BxP, positions, cache=cache)
-  last = jnp.take_along_axis(logits, (prompt_lengths_B - 1)[:, None, None], axis=1)[:, 0]
+  logits, cache = model.apply({"params": params}, prompts_BxP, positions, cache=cache,
+                              logits_index_B=prompt_lengths_B - 1)
+  last = logits[:, 0]
   # Prefill once per prompt, then copy its cache to the K sample rows.
   if k > 1:
     cache = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), cache)
@@ -99,7 +112,7 @@ def sample(params, prompts_BxP: jax.Array, prompt_lengths_B: jax.Array, rng: jax
     tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, i))
     logps = jax.lax.dynamic_update_slice(logps, logp[:, None], (0, i))
     lengths = lengths + (~done).astype(jnp.int32)
-    done = done | (tok == sp.eos_id)
+    done = done | jnp.isin(tok, jnp.asarray(sp.stop_ids, jnp.int32))
     logits, cache = model.apply({"params": params}, tok[:, None], (start + i)[:, None],
                                 cache=cache)
     return i + 1, tokens, logps, lengths, done, logits[:, 0], cache

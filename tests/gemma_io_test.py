@@ -30,17 +30,22 @@ def _hf_config(**kw):
   return transformers.Gemma2Config(**base)
 
 
-@pytest.fixture(scope="module")
-def hf(tmp_path_factory):
-  """A randomly initialised tiny Gemma-2, saved (single file and sharded) for import."""
+def _random_hf_model(**kw):
   torch.manual_seed(0)
-  model = transformers.Gemma2ForCausalLM(_hf_config()).eval().float()
+  model = transformers.Gemma2ForCausalLM(_hf_config(**kw)).eval().float()
   with torch.no_grad():
     for name, p in model.named_parameters():
       if "norm" in name:  # stored around 0, applied as (1 + w): make them matter
         p.uniform_(-0.5, 0.5)
       else:  # larger than HF's 0.02 init so that both soft-caps bite
         p.normal_(0.0, 0.25)
+  return model
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+  """A randomly initialised tiny Gemma-2, saved (single file and sharded) for import."""
+  model = _random_hf_model()
   root = tmp_path_factory.mktemp("hf")
   model.save_pretrained(root / "single")
   model.save_pretrained(root / "sharded", max_shard_size="40KB")
@@ -132,9 +137,13 @@ def test_bfloat16_export_and_import(hf, tmp_path):
       np.asarray(a), np.asarray(b, np.float32)), back, bf16)
 
 
-def test_greedy_generation_matches_hf_generate(hf):
-  model, root = hf
-  cfg, params = gemma_io.load_gemma(str(root / "single"))
+def test_greedy_generation_matches_hf_generate(tmp_path):
+  # Untied head: with a tied random table the argmax mostly repeats the input token, which
+  # would make a weak test. This also covers importing `lm_head.weight`.
+  model = _random_hf_model(tie_word_embeddings=False)
+  model.save_pretrained(tmp_path)
+  cfg, params = gemma_io.load_gemma(str(tmp_path))
+  assert not cfg.tie_embeddings and params["lm_head"].shape == (64, 128)
   n_new = 12  # prompts of up to 15 + 12 tokens run well past the window of 8
   rng = np.random.default_rng(3)
   prompts = [[2] + list(rng.integers(3, 128, n)) for n in (4, 9, 14)]
@@ -233,7 +242,8 @@ def _check_kaggle_semantics(cfg, flat, params, fused):
     m = {name: np.asarray(w) for name, w in ours["mlp"].items()}
     got = (_gelu(x @ m["gate"]) * (x @ m["up"])) @ m["down"]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
-    for o, kag in (("pre_attn_norm", "pre_attention_norm"), ("post_attn_norm", "post_attention_norm"),
+    for o, kag in (("pre_attn_norm", "pre_attention_norm"),
+                   ("post_attn_norm", "post_attention_norm"),
                    ("pre_mlp_norm", "pre_ffw_norm"), ("post_mlp_norm", "post_ffw_norm")):
       # Both store the scale around zero: copied, no +1.
       np.testing.assert_array_equal(ours[o]["scale"], flat[p + kag + "/scale"])

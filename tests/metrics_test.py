@@ -2,6 +2,7 @@
 import fractions
 import itertools
 import random
+import time
 
 import hypothesis
 from hypothesis import strategies as st
@@ -182,6 +183,23 @@ def test_operation_trace_matches_lab_trace():
     want = tuple(arith.format_step(s).replace(' ', '')
                  for s in arith.trace(problem.tree))
     assert metrics.operation_trace(problem.solution) == want
+
+
+def test_operation_trace_chains_and_signs():
+  text = '3+4=7+1=8, then 2 x 3 = 6 boxes; 5 - 7 = -2 and $1,200 - $200 = $1,000'
+  assert metrics.operation_trace(text) == (
+      '3+4=7', '7+1=8', '2*3=6', '5-7=-2', '1200-200=1000')
+
+
+@pytest.mark.parametrize('text', [
+    '1+' * 50_000, '1x' * 50_000, '1+1=' * 30_000, '9' * 20_000,
+    'a' + ' ' * 100_000 + '=1', '<<1' + '=' * 50_000, '$1,' * 30_000,
+    '12+7=19\n' * 10_000,
+], ids=lambda t: f'len{len(t)}')
+def test_operation_trace_bounded_time(text):
+  start = time.monotonic()
+  metrics.operation_trace(text)
+  assert time.monotonic() - start < 2.0
 
 
 def test_diversity_same_ops_different_wording():

@@ -136,3 +136,27 @@ def test_sharded_sampling_matches_single_device():
   out = jax.device_get(out)
   np.testing.assert_array_equal(out.tokens, single.tokens)
   np.testing.assert_allclose(out.logprobs, single.logprobs, atol=1e-5)
+
+
+def test_valid_vocab_and_extra_stop_ids():
+  model, params = _model()
+  prompts = _prompts([5, 3], seed=4)
+  toks, lens = sampling.pad_prompts(prompts, PAD, multiple=8)
+  sp = sampling.SamplingParams(max_new_tokens=16, num_samples=8, eos_id=EOS, pad_id=PAD,
+                               temperature=2.0, valid_vocab_size=40)
+  out = jax.device_get(sampling.jit_sample(model, sp)(params, toks, lens,
+                                                      jax.random.PRNGKey(0)))
+  gen = [t for r in range(16) for t in out.tokens[r, :out.lengths[r]]]
+  assert max(gen) < 40 and len(set(gen)) > 10
+  # Every row stops at the first of its tokens that is in the stop set.
+  stops = (EOS, 7, 11)
+  sp2 = sampling.SamplingParams(max_new_tokens=16, num_samples=8, eos_id=EOS, pad_id=PAD,
+                                temperature=2.0, valid_vocab_size=40, extra_stop_ids=(7, 11))
+  out2 = jax.device_get(sampling.jit_sample(model, sp2)(params, toks, lens,
+                                                        jax.random.PRNGKey(0)))
+  stopped = 0
+  for r in range(16):
+    row = list(out2.tokens[r, :out2.lengths[r]])
+    assert not any(t in stops for t in row[:-1])
+    stopped += row[-1] in stops
+  assert stopped > 0

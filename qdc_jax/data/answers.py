@@ -277,8 +277,11 @@ def _clean_latex(s: str) -> str:
   return s.strip()
 
 
-def _read_decimal(s: str, pos: int) -> Optional[tuple[fractions.Fraction, int,
-                                                      int]]:
+# (value, fractional digits written, end position) of a number read in text.
+_Read = tuple[fractions.Fraction, int, int]
+
+
+def _read_decimal(s: str, pos: int) -> Optional[_Read]:
   """An unsigned decimal at ``pos``: (value, fractional digits, end)."""
   m = _DECIMAL_RE.match(s, pos)
   int_part, frac_part = m[1] or '', m[2] or ''
@@ -311,8 +314,7 @@ def _read_signed_decimal(s: str) -> Optional[tuple[fractions.Fraction, int]]:
   return (-value if m[1] == '-' else value), decimals
 
 
-def _read_frac(s: str, pos: int) -> Optional[tuple[fractions.Fraction, int,
-                                                   int]]:
+def _read_frac(s: str, pos: int) -> Optional[_Read]:
   """``\\frac{a}{b}`` or ``\\frac12`` at ``pos``: (value, decimals, end)."""
   if not s.startswith('\\frac', pos):
     return None

@@ -191,12 +191,15 @@ def rerank_at_k(answers: Sequence[Optional[str]], scores: Sequence[float],
 # Diversity.
 
 _CALC_ANNOTATION_RE = re.compile(r'<<([^<>=]*)=([^<>]*)>>')
-_NUM = r'\$?\d[\d,]*(?:\.\d+)?'
-# `a op b (op c)* = d`. The lookbehind makes a match start only at the first
-# digit of a number, so a long digit run is not retried at every position.
-_INLINE_EQUATION_RE = re.compile(
-    rf'(?<![\d.,$])({_NUM}(?:\s*[-+*/\u00d7\u00f7x]\s*{_NUM})+)\s*=\s*'
-    rf'(-?{_NUM})')
+# Tokens of GSM8K-style prose: numbers (with $ and thousands commas), single
+# characters, whitespace runs. Equations are then found by a linear scan over
+# tokens; a regex for `a op b (op c)* = d` would retry long chains from every
+# number and go quadratic.
+_TOKEN_RE = re.compile(r'\$?\d+(?:,\d{3})*(?:\.\d+)?|\s+|.', re.DOTALL)
+_INLINE_OPS = frozenset('+-*/x\u00d7\u00f7')
+# arith.parse_solution's step regex backtracks over whitespace runs; collapsing
+# them first keeps it linear on adversarial text.
+_HSPACE_RE = re.compile(r'[^\S\n]+')
 _THOUSANDS_COMMA_RE = re.compile(r'(?<=\d),(?=\d{3}(?!\d))')
 _TIMES_DIVIDE = str.maketrans({'\u00d7': '*', '\u00f7': '/'})
 
@@ -221,6 +224,42 @@ def _canon_equation(lhs: str, value: str, times_x: bool = False) -> str:
   return _THOUSANDS_COMMA_RE.sub('', f'{lhs}={value}')
 
 
+def _is_number(token: str) -> bool:
+  return token[-1].isdigit()
+
+
+def _inline_equations(text: str) -> tuple[str, ...]:
+  """``a op b (op c)* = d`` equations in prose, in order."""
+  tokens = [t for t in _TOKEN_RE.findall(text) if not t.isspace()]
+  found, chain, i = [], [], 0
+  while i < len(tokens):
+    token = tokens[i]
+    expects_number = not chain or len(chain) % 2 == 0
+    if _is_number(token):
+      if expects_number and chain:
+        chain.append(token)
+      else:
+        chain = [token]
+    elif token in _INLINE_OPS and chain and not expects_number:
+      chain.append(token)
+    elif token == '=' and len(chain) >= 3 and not expects_number:
+      j = i + 1
+      sign = ''
+      if j < len(tokens) and tokens[j] == '-':
+        sign, j = '-', j + 1
+      if j < len(tokens) and _is_number(tokens[j]):
+        found.append(_canon_equation(''.join(chain), sign + tokens[j],
+                                     times_x=True))
+        # A result can start the next step: 3+4=7+1=8.
+        chain, i = [tokens[j]], j + 1
+        continue
+      chain = []
+    else:
+      chain = []
+    i += 1
+  return tuple(found)
+
+
 def operation_trace(text: str) -> tuple[str, ...]:
   """The sequence of arithmetic operations a solution performs.
 
@@ -239,7 +278,7 @@ def operation_trace(text: str) -> tuple[str, ...]:
   text = str(text)
   steps = tuple(
       _canon_lab_step(lhs, str(value))
-      for lhs, value in arith.parse_solution(text).steps
+      for lhs, value in arith.parse_solution(_HSPACE_RE.sub(' ', text)).steps
       if arith.evaluate_step(lhs) is not None)
   if steps:
     return steps
@@ -247,8 +286,7 @@ def operation_trace(text: str) -> tuple[str, ...]:
                 for m in _CALC_ANNOTATION_RE.finditer(text))
   if steps:
     return steps
-  return tuple(_canon_equation(m[1], m[2], times_x=True)
-               for m in _INLINE_EQUATION_RE.finditer(text))
+  return _inline_equations(text)
 
 
 def exact_diversity(texts: Sequence[str]) -> int:

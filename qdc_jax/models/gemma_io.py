@@ -14,19 +14,19 @@ samples instead of greedy.) From Python:
 
 Layouts, ours <- Hugging Face (torch Linear weights are [out, in]) <- Kaggle (gemma library):
 
-  embedding      [V, D]     <- model.embed_tokens.weight [V, D]   <- embedder/input_embedding [V, D]
-  attn/q         [D, N, H]  <- q_proj.weight [N*H, D]             <- attn/q_einsum/w [N, D, H]
-  attn/k, attn/v [D, K, H]  <- {k,v}_proj.weight [K*H, D]         <- attn/kv_einsum/w [2, K, D, H]
-                                   (num_heads == num_kv_heads:       attn/qkv_einsum/w [3, N, D, H])
-  attn/o         [N, H, D]  <- o_proj.weight [D, N*H]             <- attn/attn_vec_einsum/w [N, H, D]
-  mlp/gate, up   [D, F]     <- {gate,up}_proj.weight [F, D]       <- mlp/gating_einsum [2, F, D]
-                                                                     (Gemma-1 order [2, D, F])
-  mlp/down       [F, D]     <- down_proj.weight [D, F]            <- mlp/linear [F, D]
-  pre_attn_norm  [D]        <- input_layernorm                    <- pre_attention_norm/scale
-  post_attn_norm [D]        <- post_attention_layernorm           <- post_attention_norm/scale
-  pre_mlp_norm   [D]        <- pre_feedforward_layernorm          <- pre_ffw_norm/scale
-  post_mlp_norm  [D]        <- post_feedforward_layernorm         <- post_ffw_norm/scale
-  final_norm     [D]        <- model.norm.weight                  <- final_norm/scale
+  embedding [V, D]    <- model.embed_tokens.weight [V, D] <- embedder/input_embedding [V, D]
+  attn/q [D, N, H]    <- q_proj.weight [N*H, D]           <- attn/q_einsum/w [N, D, H]
+  attn/k, v [D, K, H] <- {k,v}_proj.weight [K*H, D]       <- attn/kv_einsum/w [2, K, D, H]
+                                                             (N == K: qkv_einsum/w [3, N, D, H])
+  attn/o [N, H, D]    <- o_proj.weight [D, N*H]           <- attn/attn_vec_einsum/w [N, H, D]
+  mlp/gate, up [D, F] <- {gate,up}_proj.weight [F, D]     <- mlp/gating_einsum [2, F, D]
+                                                             (Gemma-1 order: [2, D, F])
+  mlp/down [F, D]     <- down_proj.weight [D, F]          <- mlp/linear [F, D]
+  pre_attn_norm [D]   <- input_layernorm                  <- pre_attention_norm/scale
+  post_attn_norm [D]  <- post_attention_layernorm         <- post_attention_norm/scale
+  pre_mlp_norm [D]    <- pre_feedforward_layernorm        <- pre_ffw_norm/scale
+  post_mlp_norm [D]   <- post_feedforward_layernorm       <- post_ffw_norm/scale
+  final_norm [D]      <- model.norm.weight                <- final_norm/scale
 
 Conventions checked against transformers' `modeling_gemma2.py` and the gemma library:
 - RoPE: HF (`rotate_half`), the gemma library (`jnp.split(x, 2)`) and `transformer.apply_rope`
@@ -697,14 +697,14 @@ def params_from_kaggle_orbax(ckpt_dir: str, cfg: transformer.ModelConfig, *,
 def _detect_format(path: str) -> str:
   if path.endswith(".safetensors"):
     return "hf"
+  if not os.path.exists(path):
+    return "kaggle"  # not local (gs://...): only orbax reads those
   if os.path.isdir(path):
     names = set(os.listdir(path))
     if any(n.endswith(".safetensors") or n == "model.safetensors.index.json" for n in names):
       return "hf"
     if names & {"_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt", "checkpoint"}:
       return "kaggle"
-  else:
-    return "kaggle"  # a non-local path (gs://...): only orbax reads those
   raise ValueError(f"Cannot tell the format of {path}: no *.safetensors and no orbax metadata. "
                    f"Pass format='hf' or format='kaggle', or point {CHECKPOINT_FLAG}= at the "
                    f"checkpoint directory itself.")
@@ -815,6 +815,8 @@ def _main(argv: Sequence[str]) -> None:
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
   from qdc_jax import sampling, tokenizers  # pylint: disable=g-import-not-at-top
+  global CHECKPOINT_FLAG  # errors should name the flag this command line actually has
+  CHECKPOINT_FLAG = "--checkpoint"
   f = flags.FLAGS
   mesh = None
   if f.mesh:
@@ -834,7 +836,9 @@ def _main(argv: Sequence[str]) -> None:
                             sharding_lib.DEFAULT_RULES if mesh is not None else None, shardings)
   out = jax.device_get(run(params, prompts, lengths, jax.random.PRNGKey(f.seed)))
   for i, prompt in enumerate(f.prompt):
-    print(f"--- {prompt!r}\n{prompt}{tok.decode(out.tokens[i, :out.lengths[i]])}")
+    # Kaggle tables have 128 padding rows past the tokenizer's 256000 pieces; drop such ids.
+    ids = [int(t) for t in out.tokens[i, :out.lengths[i]] if t < tok.vocab_size]
+    print(f"--- {prompt!r}\n{prompt}{tok.decode(ids)}")
 
 
 if __name__ == "__main__":

@@ -263,7 +263,10 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens_BxT: Array, positions_BxT: Optional[Array] = None,
                segment_ids_BxT: Optional[Array] = None, cache: Optional[Cache] = None,
-               *, return_hidden: bool = False):
+               *, return_hidden: bool = False, logits_index_B: Optional[Array] = None):
+    """`logits_index_B` keeps one position per row before the vocabulary readout
+    (logits come back [B, 1, V]): prefill needs only the last prompt token, and the full
+    [B, P, V] f32 logits of a 256k vocabulary would dwarf everything else."""
     cfg = self.config
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     b, t = tokens_BxT.shape
@@ -293,6 +296,8 @@ class Transformer(nn.Module):
       if cache is not None:
         new_cache[name] = c
     x = Norm(cfg, name="final_norm")(x)
+    if logits_index_B is not None:
+      x = jnp.take_along_axis(x, logits_index_B[:, None, None].astype(jnp.int32), axis=1)
     if return_hidden:
       return x, new_cache
     if cfg.tie_embeddings:
