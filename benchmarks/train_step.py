@@ -106,6 +106,7 @@ def bench_jax(cfg, batch_np: dict, args) -> tuple[dict, dict, dict]:
   jax.block_until_ready(state)
 
   holder = [state]
+  time.sleep(args.pause_s)  # let other thread pools (torch OpenMP) go idle before timing
 
   def one():
     s, _ = step(holder[0], batch, rng)
@@ -349,13 +350,14 @@ def bench_torch(cfg, batch_np: dict, params0, args) -> tuple[dict, dict]:
     if torch.isfinite(loss) and torch.isfinite(gnorm):  # the JAX step's non-finite guard
       opt.step()
     sched.step()
-    return {"loss": float(loss), "grad_norm": float(gnorm), "accuracy": float(acc)}
+    return {"loss": loss.item(), "grad_norm": gnorm.item(), "accuracy": acc.item()}
 
   t0 = time.perf_counter()
   first = step()
   first_s = time.perf_counter() - t0
   for _ in range(args.warmup):
     step()
+  time.sleep(args.pause_s)
   times = _common.time_calls(step, min_repeats=args.min_repeats, max_repeats=args.max_repeats,
                              budget_s=args.budget_s)
   res = dict(_common.summarize(times), first_step_s=first_s, adamw=impl,
@@ -373,14 +375,16 @@ def main(argv=None):
   ap.add_argument("--shapes", default="",
                   help="override shapes, e.g. 'bench_d512=16x256,gpt2_125m=4x128'")
   ap.add_argument("--out", default="/tmp/qdc_bench/train_step.json", help="JSON output path")
-  ap.add_argument("--warmup", type=int, default=2, help="untimed steps after the first")
-  ap.add_argument("--min_repeats", type=int, default=5)
+  ap.add_argument("--warmup", type=int, default=1, help="untimed steps after the first")
+  ap.add_argument("--min_repeats", type=int, default=3)
   ap.add_argument("--max_repeats", type=int, default=30)
-  ap.add_argument("--budget_s", type=float, default=15.0,
+  ap.add_argument("--budget_s", type=float, default=10.0,
                   help="timing budget per model and framework (after min_repeats)")
   ap.add_argument("--peak_n", type=int, default=2048, help="size of the peak matmul")
   ap.add_argument("--peak_repeats", type=int, default=20)
   ap.add_argument("--torch_threads", type=int, default=2)
+  ap.add_argument("--pause_s", type=float, default=1.0,
+                  help="idle pause before each timed phase (spinning thread pools settle)")
   ap.add_argument("--skip_torch", action="store_true")
   args = ap.parse_args(argv)
 

@@ -1,9 +1,15 @@
-r"""Train a lab student from scratch: arithmetic questions -> step-by-step solutions.
+r"""Train the lab's models from scratch with the core trainer.
 
   python -m qdc_jax.main --config=configs/arith_lab.py --workdir=/tmp/qdc_lab
-  python -m qdc_jax.main --config=configs/arith_lab.py:smoke --workdir=/tmp/qdc_smoke
+  python -m qdc_jax.main --config=configs/arith_lab.py:student --workdir=/tmp/lab_student
+  python -m qdc_jax.main --config=configs/arith_lab.py:generator --workdir=/tmp/lab_generator
 
-Arg: "" (default lab run, minutes on 2 CPU cores) | "smoke" (seconds; what tests run).
+Args:
+  ""            a quick student (minutes on 2 CPU cores): the README's main job for now.
+  student       the shipped student (qdc_jax/assets/lab_student): question -> solution.
+  generator     the shipped generator (qdc_jax/assets/lab_generator): parent -> child.
+  smoke, generator_smoke   seconds; what the tests run.
+Each run exports its params to <workdir>/model and measures them (report.json).
 """
 
 import ml_collections
@@ -24,10 +30,12 @@ def get_config(arg: str = ""):
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "arith"  # 'arith' (the lab) | 'jsonl'
+  c.data.task = "student"  # lab task: 'student' | 'generator'
   c.data.seed = 0  # which lab problems
-  c.data.train_size = 20_000  # lab training problems
+  c.data.train_size = 20_000  # lab training problems (generator: parents)
+  c.data.bridge_fraction = 0.1  # share of 3-4 op, up-to-3-digit problems in training
   c.data.eval_size = 256  # held-out problems for eval loss
-  c.data.test_size = 256  # held-out problems per split for greedy accuracy
+  c.data.test_size = 128  # test problems per split, never trained on
   c.data.train_path = ""  # jsonl: {'prompt', 'completion'} per line
   c.data.eval_path = ""
 
@@ -41,15 +49,31 @@ def get_config(arg: str = ""):
   c.train.opt.warmup_steps = 50
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.max_new_tokens = 96  # solution budget of the greedy accuracy check
+  c.eval.test_size = 128  # test problems per split measured after training
+  c.eval.k = 16  # samples per problem for pass@k (student)
+  c.eval.max_new_tokens = 160  # completion budget
 
-  if arg == "smoke":
+  if arg in ("student", "generator"):
+    c.model.name = f"lab_{arg}"
+    c.data.task = arg
+    c.train.pack = True
+    c.train.batch_size = 32
+    c.train.steps = 1500 if arg == "student" else 1200
+    c.train.seq_len = 256 if arg == "student" else 512
+    c.train.save_every = 250
+    c.train.opt.lr = 3e-3
+    c.train.opt.warmup_steps = 100
+    if arg == "generator":
+      c.eval.max_new_tokens = 320
+  elif arg in ("smoke", "generator_smoke"):
     c.model.name = "lab_tiny"
+    c.data.task = "student" if arg == "smoke" else "generator"
     c.data.train_size, c.data.eval_size, c.data.test_size = 256, 16, 16
     c.train.steps, c.train.batch_size, c.train.seq_len = 6, 8, 128
     c.train.log_every, c.train.save_every = 2, 3
     c.train.opt.warmup_steps = 2
-    c.eval.max_new_tokens = 16
+    c.eval.test_size, c.eval.k, c.eval.max_new_tokens = 8, 4, 16
   elif arg:
-    raise ValueError(f"Unknown configs/arith_lab.py arg {arg!r}; use '' or 'smoke'")
+    raise ValueError(f"Unknown configs/arith_lab.py arg {arg!r}; use '', 'student', "
+                     f"'generator', 'smoke' or 'generator_smoke'")
   return c

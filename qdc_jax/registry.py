@@ -42,6 +42,7 @@ def get(kind: str, name: str) -> Any:
 
 # Experiments: one run(config, workdir) each.
 register("experiment", "lm", "qdc_jax.experiments.lm:run")
+register("experiment", "evaluate", "qdc_jax.experiments.evaluate:run")
 
 register("tokenizer", "char", "qdc_jax.tokenizers:CharTokenizer")
 register("tokenizer", "sentencepiece", "qdc_jax.tokenizers:SentencePieceTokenizer")

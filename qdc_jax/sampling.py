@@ -171,7 +171,9 @@ def generate_text(params, prompts: Sequence[str], *, model: transformer.Transfor
   Prompts are encoded with BOS, grouped into batches of `batch_size` prompts (one sampler
   call each, K rows per prompt), and decoded up to EOS.
   """
-  sp = dataclasses.replace(sp, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+  # Model vocabularies are often padded past the tokenizer's; never sample those ids.
+  sp = dataclasses.replace(sp, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                           valid_vocab_size=sp.valid_vocab_size or tokenizer.vocab_size)
   run = jit_sample(model, sp, mesh, rules, param_shardings)
   min_rows = 1
   if mesh is not None:

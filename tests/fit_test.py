@@ -28,7 +28,7 @@ def _setup(**train_overrides):
     else:
       config.train[k] = v
   tokenizer = lm.make_tokenizer(config.tokenizer)
-  train_records, _, _ = lm.lab_records(config.data)
+  train_records, _ = lm.lab_records(config.data)
   model = transformer.Transformer(config_lib.model_config(config.model))
   mesh = sharding_lib.make_mesh((1, 1, 1), jax.devices()[:1])
   return config, dict(model=model, train_records=train_records, tokenizer=tokenizer,
@@ -108,7 +108,8 @@ def test_cli_smoke_run_writes_metrics_tensorboard_and_report(tmp_path):
   assert "steps_per_s" in res.stderr and "ETA" in res.stderr
   report = json.loads((tmp_path / "report.json").read_text())
   assert report["steps"] == 4
-  assert 0.0 <= report["in_dist"]["greedy_accuracy"] <= 1.0
+  assert report["student"]["in_dist"]["num_problems"] == 8
+  assert 0.0 <= report["student"]["ood"]["greedy_accuracy"] <= 1.0
   assert report["eval_tokens"] > 0
   assert json.loads((tmp_path / "config.json").read_text())["model"]["d_ff"] == 128
   assert glob.glob(str(tmp_path / "tb" / "train" / "events.out.tfevents.*"))

@@ -1,8 +1,11 @@
 """Language-model training (pretraining / SFT) on (prompt, completion) records.
 
-Default data: the arithmetic lab's student task (question -> step-by-step solution). After
-training, greedy accuracy on held-out in-distribution and OOD lab problems is measured with
-the KV-cache sampler and written to `<workdir>/report.json`.
+Data: the arithmetic lab's student task (question -> step-by-step solution) or generator task
+(parent problem + solution -> child problem + intended solution), or JSONL records. After
+training the params are exported to `<workdir>/model` (a `qdc_jax.model_io` directory) and
+measured: the student's greedy accuracy and pass@k on unseen in-distribution and OOD lab
+problems; the generator's share of children that parse, are valid, and differ from the parent.
+Everything lands in `<workdir>/report.json`.
 """
 
 from __future__ import annotations
@@ -16,10 +19,13 @@ from absl import logging
 
 from qdc_jax import config_lib
 from qdc_jax import fit
+from qdc_jax import model_io
 from qdc_jax import sampling
 from qdc_jax import tokenizers
 from qdc_jax.data import arith
 from qdc_jax.data import jsonl
+from qdc_jax.data import lab_tasks
+from qdc_jax.eval import solve
 from qdc_jax.models import transformer
 
 
@@ -30,30 +36,66 @@ def make_tokenizer(c):
 
 
 def lab_records(dc):
-  """Train / eval records and test problems of the arithmetic lab's student task."""
-  train = arith.make_split("in_dist", dc.train_size, seed=dc.seed)
-  held = arith.make_split("in_dist", dc.eval_size + dc.test_size, seed=dc.seed + 1)
-  train_texts = {p.text for p in train}
-  held = [p for p in held if p.text not in train_texts]
-  eval_p, test_p = held[:dc.eval_size], held[dc.eval_size:]
-  ood = arith.make_split("ood", dc.test_size, seed=dc.seed + 2)
-  return ([p.to_record() for p in train], [p.to_record() for p in eval_p],
-          {"in_dist": test_p, "ood": ood})
+  """(train records, eval records) of the lab task `dc.task`; test problems never train."""
+  exclude = (lab_tasks.test_problems("in_dist", dc.test_size)
+             + lab_tasks.test_problems("ood", dc.test_size))
+  if dc.task == "student":
+    train = lab_tasks.student_problems(dc.train_size, dc.seed, dc.bridge_fraction)
+    held = arith.make_split("in_dist", dc.eval_size, seed=dc.seed + 1)
+    train = lab_tasks.without(train, exclude + held)
+    return [p.to_record() for p in train], [p.to_record() for p in held]
+  if dc.task == "generator":
+    parents = lab_tasks.without(lab_tasks.student_problems(dc.train_size, dc.seed,
+                                                           dc.bridge_fraction), exclude)
+    held = arith.make_split("in_dist", dc.eval_size, seed=dc.seed + 1)
+    return (lab_tasks.generator_records(parents, dc.seed),
+            lab_tasks.generator_records(held, dc.seed + 1))
+  raise ValueError(f"Unknown data.task {dc.task!r}; choose 'student' or 'generator'")
 
 
-def lab_accuracy(params, problems, *, model, tokenizer, rng, max_new_tokens, mesh, rules,
-                 param_shardings) -> dict:
-  """Greedy accuracy: the final answer line must equal the oracle answer."""
-  sp = sampling.SamplingParams(max_new_tokens=max_new_tokens, greedy=True)
-  prompts = [p.to_record()["prompt"] for p in problems]
-  outs = sampling.generate_text(params, prompts, model=model, tokenizer=tokenizer, sp=sp,
-                                rng=rng, mesh=mesh, rules=rules,
-                                param_shardings=param_shardings)
-  answers = [arith.parse_solution(o[0]).answer for o in outs]
-  correct = sum(a == p.answer for a, p in zip(answers, problems))
-  return {"greedy_accuracy": correct / max(len(problems), 1), "n": len(problems),
-          "unparsed": sum(a is None for a in answers),
-          "example": {"prompt": prompts[0], "completion": outs[0][0]} if outs else None}
+def measure_student(params, *, model, tokenizer, ec, mesh, rules, shardings) -> dict:
+  out = {}
+  for split in ("in_dist", "ood"):
+    problems = lab_tasks.test_problems(split, ec.test_size)
+    prompts = [arith.PROMPT_TEMPLATE.format(question=p.text) for p in problems]
+    m, _ = solve.solve_and_score(
+        params, prompts, [p.answer for p in problems], model=model, tokenizer=tokenizer,
+        k=ec.k, temperature=1.0, max_new_tokens=ec.max_new_tokens, ks=(1, 4, ec.k),
+        rng=jax.random.PRNGKey(0), mesh=mesh, rules=rules, param_shardings=shardings)
+    out[split] = m
+    logging.info("%s: greedy accuracy %.3f, pass@%d %.3f", split, m["greedy_accuracy"], ec.k,
+                 m.get(f"pass@{ec.k}", float("nan")))
+  return out
+
+
+def measure_generator(params, *, model, tokenizer, ec, mesh, rules, shardings) -> dict:
+  """Children of unseen parents, sampled at T=1 as SPARQ does, checked by the oracle."""
+  parents = lab_tasks.test_problems("in_dist", ec.test_size)
+  sp = sampling.SamplingParams(max_new_tokens=ec.max_new_tokens, temperature=1.0)
+  outs = sampling.generate_text(params, [lab_tasks.generator_prompt(p) for p in parents],
+                                model=model, tokenizer=tokenizer, sp=sp,
+                                rng=jax.random.PRNGKey(0), mesh=mesh, rules=rules,
+                                param_shardings=shardings)
+  errors: dict[str, int] = {}
+  parsed = valid = different = 0
+  for parent, (text,) in zip(parents, outs):
+    child = lab_tasks.parse_generator_output(text)
+    if child.error:
+      errors[child.error] = errors.get(child.error, 0) + 1
+      continue
+    verdict = arith.oracle(child.question, child.intended_answer)
+    if not verdict.parses:
+      errors["question_does_not_parse"] = errors.get("question_does_not_parse", 0) + 1
+      continue
+    parsed += 1
+    valid += verdict.valid
+    different += child.question != parent.text
+  n = max(len(parents), 1)
+  result = {"n": len(parents), "parse_rate": parsed / n, "valid_rate": valid / n,
+            "different_rate": different / n, "failures": errors,
+            "example": {"parent": parents[0].text, "child": outs[0][0]}}
+  logging.info("generator: %s", {k: v for k, v in result.items() if k != "example"})
+  return result
 
 
 def run(config, workdir: str) -> dict:
@@ -64,9 +106,8 @@ def run(config, workdir: str) -> dict:
   if model.config.vocab_size < tokenizer.vocab_size:
     raise ValueError(f"model vocab_size={model.config.vocab_size} < tokenizer vocab_size="
                      f"{tokenizer.vocab_size}; set --config.model.vocab_size")
-  tests = {}
   if config.data.source == "arith":
-    train_records, eval_records, tests = lab_records(config.data)
+    train_records, eval_records = lab_records(config.data)
   elif config.data.source == "jsonl":
     train_records = jsonl.read_records(config.data.train_path)
     eval_records = jsonl.read_records(config.data.eval_path) if config.data.eval_path else []
@@ -79,13 +120,16 @@ def run(config, workdir: str) -> dict:
                    eval_records=eval_records, tokenizer=tokenizer, workdir=workdir, mesh=mesh,
                    rules=rules)
   report = {"steps": result.step, "train_seconds": time.time() - t0, **result.eval_metrics}
-  for split, problems in tests.items():
-    acc = lab_accuracy(result.params, problems, model=model, tokenizer=tokenizer,
-                       rng=jax.random.PRNGKey(0), max_new_tokens=config.eval.max_new_tokens,
-                       mesh=mesh, rules=rules, param_shardings=result.param_shardings)
-    report[split] = acc
-    logging.info("%s greedy accuracy %.3f (%d problems, %d unparsed)", split,
-                 acc["greedy_accuracy"], acc["n"], acc["unparsed"])
+  tok_meta = ({"kind": "char", "alphabet": arith.ALPHABET} if config.tokenizer.kind == "char"
+              else {"kind": config.tokenizer.kind, "path": config.tokenizer.path})
+  model_io.save_model(os.path.join(workdir, "model"), model.config, result.params,
+                      tokenizer=tok_meta, notes={"task": config.data.get("task", ""),
+                                                 "steps": result.step})
+  if config.data.source == "arith":
+    measure = measure_student if config.data.task == "student" else measure_generator
+    report[config.data.task] = measure(result.params, model=model, tokenizer=tokenizer,
+                                       ec=config.eval, mesh=mesh, rules=rules,
+                                       shardings=result.param_shardings)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "report.json"), "w") as f:
       json.dump(report, f, indent=2)

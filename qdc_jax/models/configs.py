@@ -37,6 +37,15 @@ CONFIGS: dict[str, ModelConfig] = {
                              num_kv_heads=2, head_dim=64, d_ff=1024,
                              **{**_GEMMA2, "vocab_size": 128, "sliding_window": 64,
                                 "max_len": 512}),
+    # The shipped lab models (qdc_jax/assets): small enough to train in minutes on 2 cores.
+    "lab_student": ModelConfig(d_model=128, num_layers=4, num_heads=4, num_kv_heads=2,
+                               head_dim=32, d_ff=512,
+                               **{**_GEMMA2, "vocab_size": 128, "sliding_window": 64,
+                                  "max_len": 1024}),
+    "lab_generator": ModelConfig(d_model=128, num_layers=4, num_heads=4, num_kv_heads=2,
+                                 head_dim=32, d_ff=512,
+                                 **{**_GEMMA2, "vocab_size": 128, "sliding_window": 128,
+                                    "max_len": 1024}),
     # The d=512 8-layer model of the throughput benchmark.
     "bench_d512": ModelConfig(d_model=512, num_layers=8, num_heads=8,
                               num_kv_heads=8, head_dim=64, d_ff=2048,

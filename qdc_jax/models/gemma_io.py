@@ -7,7 +7,8 @@ Import and sample, one command (HF directory with config.json, or a Kaggle/Flax 
 
 (`--config=gemma2_2b` picks a named config instead of reading config.json / inferring it,
 `--mesh=1,1,8` shards over 8 devices, `--dtype=float32` keeps f32 weights, `--temperature=0.7`
-samples instead of greedy.) From Python:
+samples instead of greedy, `--chat` wraps prompts in Gemma chat turns and stops at
+<end_of_turn> for instruction-tuned checkpoints such as gemma-2-9b-it.) From Python:
 
   cfg, params = gemma_io.load_gemma("/ckpts/gemma-2-2b", mesh=mesh)   # format auto-detected
   run = sampling.jit_sample(transformer.Transformer(cfg), sp, mesh, rules, shardings)
@@ -824,22 +825,26 @@ def _main(argv: Sequence[str]) -> None:
   cfg, params = load_gemma(f.checkpoint, config_name=f.config or None, mesh=mesh,
                            overrides={"dtype": f.dtype, "param_dtype": f.dtype})
   tok = tokenizers.SentencePieceTokenizer(f.tokenizer)
+  from qdc_jax import chat  # pylint: disable=g-import-not-at-top
+  # -it models: wrap prompts in chat turns and stop at <end_of_turn> as well as <eos>.
+  texts = [chat.user_prompt(p) if f.chat else p for p in f.prompt]
   sp = sampling.SamplingParams(max_new_tokens=f.max_new_tokens, temperature=f.temperature,
                                top_k=f.top_k, greedy=f.temperature == 0.0,
                                eos_id=tok.eos_id if f.eos_id < 0 else f.eos_id,
-                               pad_id=tok.pad_id)
+                               pad_id=tok.pad_id,
+                               extra_stop_ids=chat.chat_stop_ids(tok) if f.chat else (),
+                               # Kaggle tables have 128 padding rows past the tokenizer's.
+                               valid_vocab_size=tok.vocab_size)
   rows = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
-  prompts, lengths = sampling.pad_prompts([tok.encode(p, add_bos=True) for p in f.prompt],
+  prompts, lengths = sampling.pad_prompts([tok.encode(t, add_bos=True) for t in texts],
                                           tok.pad_id, min_rows=rows)
   shardings = jax.tree.map(lambda x: x.sharding, params) if mesh is not None else None
   run = sampling.jit_sample(transformer.Transformer(cfg), sp, mesh,
                             sharding_lib.DEFAULT_RULES if mesh is not None else None, shardings)
   out = jax.device_get(run(params, prompts, lengths, jax.random.PRNGKey(f.seed)))
   for i, prompt in enumerate(f.prompt):
-    # Kaggle tables have 128 padding rows past the tokenizer's 256000 pieces; drop such ids.
-    ids = [int(t) for t in out.tokens[i, :out.lengths[i]] if t < tok.vocab_size]
-    print(f"--- {prompt!r}\n{prompt}{tok.decode(ids)}")
-
+    text = tok.decode([int(t) for t in out.tokens[i, :out.lengths[i]]])
+    print(f"--- {prompt!r}\n" + (chat.parse_model_reply(text) if f.chat else prompt + text))
 
 if __name__ == "__main__":
   from absl import app, flags  # pylint: disable=g-import-not-at-top,g-multiple-import
@@ -856,4 +861,6 @@ if __name__ == "__main__":
   flags.DEFINE_integer("eos_id", -1, "Stop token; -1: the tokenizer's EOS (instruction-tuned "
                        "models end turns with <end_of_turn> = 107).")
   flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.DEFINE_bool("chat", False, "Instruction-tuned (-it) model: wrap each prompt in a Gemma "
+                    "user turn and stop at <end_of_turn>.")
   app.run(_main)

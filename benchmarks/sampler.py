@@ -1,0 +1,244 @@
+r"""Sampler throughput: qdc_jax KV-cache sampler vs a naive no-cache decode vs HF generate.
+
+Workload: a tiny Gemma-2 (the `lab_tiny` shapes by default: d=64, 2 layers, 4 query / 2 KV
+heads of dim 16, d_ff=256, window 32, vocab 128), `num_prompts` prompts of `prompt_len` random tokens, K samples
+each (rows = num_prompts * K), `new_tokens` generated per row at temperature 1.0 without
+top-k/top-p. There is no early stop: the qdc sampler gets an EOS id that never occurs (-1),
+HF gets min_new_tokens = max_new_tokens.
+
+  (a) qdc_jax.sampling.jit_sample: prefill once per prompt, copy the cache to the K rows, one
+      jitted while_loop of single-token cached decode steps;
+  (b) naive: the same qdc Transformer without a cache, the whole [rows, prompt+new] padded
+      sequence recomputed every step, all steps inside one jitted fori_loop;
+  (c) Hugging Face transformers Gemma2ForCausalLM.generate (eager attention, which is the
+      implementation that applies Gemma-2's attention soft-cap; random init;
+      use_cache=True; do_sample=True, top_k=0, top_p=1.0), torch.set_num_threads(2).
+
+Reported: generated tokens/s (rows * new_tokens / wall time of the whole call, prefill
+included), and the ratios qdc/naive and qdc/HF.
+
+  python benchmarks/sampler.py
+  python benchmarks/sampler.py --hf_rows=256 --out=/tmp/x.json   # fewer HF rows, per token
+
+Not a test; prints a markdown table and writes JSON to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
+
+def timed_runs(fn, repeats: int) -> list[float]:
+  times = []
+  for i in range(repeats):
+    t0 = time.perf_counter()
+    fn(i)
+    times.append(time.perf_counter() - t0)
+  return times
+
+
+def bench_qdc(model, params, prompts, lengths, args) -> dict:
+  import jax
+  from qdc_jax import sampling
+  sp = sampling.SamplingParams(max_new_tokens=args.new_tokens, num_samples=args.samples,
+                               temperature=1.0, eos_id=-1, pad_id=0)
+  fn = sampling.jit_sample(model, sp)
+  t0 = time.perf_counter()
+  out = jax.block_until_ready(fn(params, prompts, lengths, jax.random.PRNGKey(0)))
+  compile_s = time.perf_counter() - t0
+  lens = np.asarray(out.lengths)
+  assert lens.min() == args.new_tokens, "a row stopped early"
+  rows = out.tokens.shape[0]
+
+  def call(i):
+    jax.block_until_ready(fn(params, prompts, lengths, jax.random.PRNGKey(100 + i)))
+
+  times = timed_runs(call, args.repeats)
+  return dict(_common.summarize(times), rows=rows, compile_plus_first_s=compile_s)
+
+
+def naive_sample_fn(model, prompt_len: int, new_tokens: int):
+  """Jitted no-cache sampler: recompute the full padded [rows, P + N] sequence per step."""
+  import jax
+  import jax.numpy as jnp
+
+  total = prompt_len + new_tokens
+
+  def run(params, prompts_RxP, rng):
+    rows = prompts_RxP.shape[0]
+    seq = jnp.zeros((rows, total), jnp.int32).at[:, :prompt_len].set(prompts_RxP)
+
+    def body(i, seq):
+      logits, _ = model.apply({"params": params}, seq)  # causal: padding after i is ignored
+      last = jax.lax.dynamic_index_in_dim(logits, prompt_len + i - 1, axis=1, keepdims=False)
+      tok = jax.random.categorical(jax.random.fold_in(rng, i), last, axis=-1)
+      return jax.lax.dynamic_update_slice(seq, tok.astype(jnp.int32)[:, None],
+                                          (0, prompt_len + i))
+
+    seq = jax.lax.fori_loop(0, new_tokens, body, seq)
+    return seq[:, prompt_len:]
+
+  return jax.jit(run)
+
+
+def bench_naive(model, params, prompts_rows, args) -> dict:
+  import jax
+  fn = naive_sample_fn(model, args.prompt_len, args.new_tokens)
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn(params, prompts_rows, jax.random.PRNGKey(0)))
+  compile_s = time.perf_counter() - t0
+
+  def call(i):
+    jax.block_until_ready(fn(params, prompts_rows, jax.random.PRNGKey(100 + i)))
+
+  times = timed_runs(call, args.naive_repeats)
+  return dict(_common.summarize(times), rows=prompts_rows.shape[0],
+              compile_plus_first_s=compile_s)
+
+
+def hf_config(cfg, attn_implementation: str = "eager"):
+  from transformers import Gemma2Config
+  n = cfg.num_layers
+  kinds = [cfg.attention_kind(i) for i in range(n)]
+  return Gemma2Config(
+      vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+      num_hidden_layers=n, num_attention_heads=cfg.num_heads,
+      num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+      hidden_activation="gelu_pytorch_tanh", max_position_embeddings=cfg.max_len,
+      rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_base,
+      query_pre_attn_scalar=cfg.query_pre_attn_scalar or cfg.head_dim,
+      sliding_window=cfg.sliding_window, attn_logit_softcapping=cfg.attn_softcap,
+      final_logit_softcapping=cfg.final_softcap, tie_word_embeddings=cfg.tie_embeddings,
+      layer_types=["sliding_attention" if k == "local" else "full_attention" for k in kinds],
+      pad_token_id=0, bos_token_id=1, eos_token_id=2, use_cache=True,
+      attn_implementation=attn_implementation)
+
+
+def bench_hf(cfg, prompts_np, args) -> dict:
+  import torch
+  from transformers import Gemma2ForCausalLM, GenerationConfig
+
+  torch.set_num_threads(args.torch_threads)
+  torch.manual_seed(0)
+  hcfg = hf_config(cfg, args.hf_attn)
+  model = Gemma2ForCausalLM(hcfg).eval()
+  n_prompts = max(1, args.hf_rows // args.samples)
+  ids = torch.from_numpy(prompts_np[:n_prompts].astype(np.int64))
+  mask = torch.ones_like(ids)
+  gen = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                         max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                         num_return_sequences=args.samples, use_cache=True, pad_token_id=0,
+                         bos_token_id=1, eos_token_id=2)
+
+  def call(i, ids=ids, mask=mask, gen=gen):
+    torch.manual_seed(100 + i)
+    with torch.inference_mode():
+      return model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
+
+  # Warm-up on a small batch (lazy inits, allocator), then the measured shape once.
+  warm = GenerationConfig(**{**gen.to_dict(), "max_new_tokens": 4, "min_new_tokens": 4})
+  call(0, ids=ids[:1], mask=mask[:1], gen=warm)
+  t0 = time.perf_counter()
+  out = call(0)
+  first_s = time.perf_counter() - t0
+  rows = out.shape[0]
+  assert out.shape[1] == args.prompt_len + args.new_tokens, out.shape
+  times = timed_runs(call, args.hf_repeats)
+  return dict(_common.summarize(times), rows=rows, first_s=first_s,
+              attn_implementation=model.config._attn_implementation,
+              threads=torch.get_num_threads())
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--model", default="lab_tiny", help="qdc_jax model config (Gemma-2 kind)")
+  ap.add_argument("--vocab", type=int, default=128)
+  ap.add_argument("--num_prompts", type=int, default=64)
+  ap.add_argument("--samples", type=int, default=16, help="K samples per prompt")
+  ap.add_argument("--prompt_len", type=int, default=32)
+  ap.add_argument("--new_tokens", type=int, default=64)
+  ap.add_argument("--repeats", type=int, default=5, help="timed calls of the qdc sampler")
+  ap.add_argument("--naive_rows", type=int, default=1024,
+                  help="rows of the naive decode (<= prompts*K; per-token normalised)")
+  ap.add_argument("--naive_repeats", type=int, default=2)
+  ap.add_argument("--hf_rows", type=int, default=1024,
+                  help="rows of the HF run (a multiple of --samples; per-token normalised)")
+  ap.add_argument("--hf_repeats", type=int, default=2)
+  ap.add_argument("--hf_attn", default="eager",
+                  help="HF attention implementation; 'eager' applies the soft-cap")
+  ap.add_argument("--torch_threads", type=int, default=2)
+  ap.add_argument("--skip_naive", action="store_true")
+  ap.add_argument("--skip_hf", action="store_true")
+  ap.add_argument("--out", default="/tmp/qdc_bench/sampler.json", help="JSON output path")
+  args = ap.parse_args(argv)
+
+  import jax
+  import jax.numpy as jnp
+  import torch
+  from qdc_jax.models import configs, transformer
+
+  torch.set_num_threads(args.torch_threads)
+  cfg = configs.get_model_config(args.model, vocab_size=args.vocab)
+  model = transformer.Transformer(cfg)
+  params = transformer.nn.meta.unbox(
+      model.init(jax.random.PRNGKey(0), jnp.zeros((1, args.prompt_len), jnp.int32))["params"])
+  rng = np.random.default_rng(0)
+  prompts = rng.integers(3, args.vocab, (args.num_prompts, args.prompt_len)).astype(np.int32)
+  lengths = np.full((args.num_prompts,), args.prompt_len, np.int32)
+  rows = args.num_prompts * args.samples
+  info = _common.machine_info()
+  print(f"# sampler benchmark  {info['date']}  load {info['loadavg_1_5_15']}  "
+        f"cpu {info['cpu']} x{info['cores']}  XLA_FLAGS={info['xla_flags']!r}")
+  print(f"# model {args.model} vocab {args.vocab}: d={cfg.d_model} layers={cfg.num_layers} "
+        f"heads={cfg.num_heads}/{cfg.num_kv_heads} head_dim={cfg.head_dim} d_ff={cfg.d_ff} "
+        f"window={cfg.sliding_window}; {args.num_prompts} prompts x K={args.samples} = {rows} "
+        f"rows, prompt {args.prompt_len}, {args.new_tokens} new tokens", flush=True)
+
+  results = {}
+  load0 = _common.load_average()[0]
+  results["qdc"] = bench_qdc(model, params, prompts, lengths, args)
+  print(f"# qdc done: {results['qdc']['median_s']:.3f} s", flush=True)
+  if not args.skip_naive:
+    n = min(args.naive_rows, rows)
+    prompt_rows = np.repeat(prompts, args.samples, axis=0)[:n]
+    results["naive"] = bench_naive(model, params, prompt_rows, args)
+    print(f"# naive done: {results['naive']['median_s']:.3f} s", flush=True)
+  if not args.skip_hf:
+    results["hf"] = bench_hf(cfg, prompts, args)
+    print(f"# hf done: {results['hf']['median_s']:.3f} s", flush=True)
+  load1 = _common.load_average()[0]
+
+  table = []
+  labels = {"qdc": "(a) qdc_jax jit_sample (KV cache)",
+            "naive": "(b) naive JAX, no cache (jitted, fixed length)",
+            "hf": f"(c) HF Gemma2ForCausalLM.generate ({args.hf_attn})"}
+  for key, r in results.items():
+    r["generated_tokens"] = r["rows"] * args.new_tokens
+    r["tok_s"] = r["generated_tokens"] / r["median_s"]
+    table.append({"impl": labels[key], "rows": r["rows"], "s": r["median_s"], "n": r["n"],
+                  "tok_s": r["tok_s"], "ratio": results["qdc"]["tok_s"] / r["tok_s"]})
+  ratios = {f"qdc/{k}": results["qdc"]["tok_s"] / v["tok_s"] for k, v in results.items()
+            if k != "qdc"}
+  print(f"\nGenerated tokens/s ({args.new_tokens} new tokens per row, prompt "
+        f"{args.prompt_len}, temperature 1.0, no early stop; median wall time per call):")
+  print(_common.format_table(table, [
+      ("impl", "implementation", ""), ("rows", "rows", "d"), ("s", "s / call", ".3f"),
+      ("n", "calls", "d"), ("tok_s", "generated tok/s", ",.0f"),
+      ("ratio", "qdc / this", ".2f")]))
+  payload = {"benchmark": "sampler", "machine": info, "load1_start": load0, "load1_end": load1,
+             "args": vars(args), "results": results, "ratios": ratios,
+             "model_config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}}
+  _common.write_json(args.out, payload)
+
+
+if __name__ == "__main__":
+  main()
