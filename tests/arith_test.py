@@ -436,3 +436,11 @@ def test_alphabet_covers_everything(problems):
   for p in problems + children:
     record = p.to_record()
     assert set(record['prompt'] + record['completion']) <= alphabet
+
+
+def test_parse_solution_is_fast_on_long_lines():
+  import time  # pylint: disable=g-import-not-at-top
+  t0 = time.perf_counter()
+  got = arith.parse_solution(" " * 100_000 + "=\n3+4=7\nThe answer is 7.")
+  assert time.perf_counter() - t0 < 1.0
+  assert got.steps == (("3+4", 7),) and got.answer == 7

@@ -677,6 +677,7 @@ class ParsedSolution:
 
 
 _N = r'-?[0-9]+'
+_MAX_STEP_LINE_CHARS = 1000
 _STEP_LINE_RE = re.compile(rf'(.+?)\s*=\s*({_N})', re.ASCII)
 _ANSWER_LINE_RE = re.compile(rf'The answer is ({_N})\.?', re.ASCII)
 _STEP_EXPR_RES = (
@@ -697,6 +698,8 @@ def parse_solution(text: Any) -> ParsedSolution:
   try:
     for line in str(text).splitlines():
       line = line.strip()
+      if len(line) > _MAX_STEP_LINE_CHARS:
+        continue  # no real step is this long; the step regex is quadratic in line length
       m = _ANSWER_LINE_RE.fullmatch(line)
       if m is not None:
         answer = _safe_int(m[1])
