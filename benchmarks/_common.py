@@ -80,39 +80,50 @@ def summarize(times: Sequence[float]) -> dict:
           "n": len(times)}
 
 
+class MatmulPeak:
+  """f32 n x n @ n x n matmul rate of one library, measurable again and again in a run.
+
+  `measure(repeats)` returns {"median_gflops", "best_gflops", ...} over `repeats` calls.
+  """
+
+  def __init__(self, lib: str, n: int = 2048):
+    self.lib, self.n = lib, n
+    if lib == "jax":
+      import jax
+      import jax.numpy as jnp
+      import numpy as np
+      rng = np.random.default_rng(0)
+      a = jnp.asarray(rng.standard_normal((n, n), np.float32))
+      b = jnp.asarray(rng.standard_normal((n, n), np.float32))
+      f = jax.jit(jnp.dot)
+      self._call = lambda: f(a, b).block_until_ready()
+    elif lib == "torch":
+      import torch
+      g = torch.Generator().manual_seed(0)
+      a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+      out = torch.empty(n, n)
+      self._call = lambda: torch.matmul(a, b, out=out)
+    else:
+      raise ValueError(lib)
+    for _ in range(3):
+      self._call()
+
+  def measure(self, repeats: int = 20) -> dict:
+    times = time_calls(self._call, min_repeats=repeats, max_repeats=repeats)
+    flops = 2.0 * self.n ** 3
+    return {"n": self.n, "median_gflops": flops / statistics.median(times) / 1e9,
+            "best_gflops": flops / min(times) / 1e9, "repeats": repeats}
+
+
 def jax_matmul_peak(n: int = 2048, repeats: int = 20) -> dict:
   """f32 GFLOP/s of a jitted n x n @ n x n jnp.dot (median and best of `repeats`)."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  rng = np.random.default_rng(0)
-  a = jnp.asarray(rng.standard_normal((n, n), np.float32))
-  b = jnp.asarray(rng.standard_normal((n, n), np.float32))
-  f = jax.jit(jnp.dot)
-  for _ in range(3):
-    f(a, b).block_until_ready()
-  times = time_calls(lambda: f(a, b).block_until_ready(), min_repeats=repeats,
-                     max_repeats=repeats)
-  flops = 2.0 * n ** 3
-  return {"n": n, "median_gflops": flops / statistics.median(times) / 1e9,
-          "best_gflops": flops / min(times) / 1e9, "repeats": repeats}
+  return MatmulPeak("jax", n).measure(repeats)
 
 
 def torch_matmul_peak(n: int = 2048, repeats: int = 20) -> dict:
   """f32 GFLOP/s of torch.matmul n x n @ n x n (median and best of `repeats`)."""
   import torch
-  g = torch.Generator().manual_seed(0)
-  a = torch.randn(n, n, generator=g)
-  b = torch.randn(n, n, generator=g)
-  out = torch.empty(n, n)
-  for _ in range(3):
-    torch.matmul(a, b, out=out)
-  times = time_calls(lambda: torch.matmul(a, b, out=out), min_repeats=repeats,
-                     max_repeats=repeats)
-  flops = 2.0 * n ** 3
-  return {"n": n, "median_gflops": flops / statistics.median(times) / 1e9,
-          "best_gflops": flops / min(times) / 1e9, "repeats": repeats,
-          "threads": torch.get_num_threads()}
+  return dict(MatmulPeak("torch", n).measure(repeats), threads=torch.get_num_threads())
 
 
 def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) -> str:

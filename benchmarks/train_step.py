@@ -76,8 +76,12 @@ def make_batch(vocab: int, batch: int, seq: int, seed: int = 0) -> dict:
 # ----------------------------------------------------------------------------- JAX
 
 
-def bench_jax(cfg, batch_np: dict, args) -> tuple[dict, dict, dict]:
-  """Returns (result, numpy copy of the initial params, first-step metrics)."""
+def setup_jax(cfg, batch_np: dict, args):
+  """Compiled, warmed-up JAX train step.
+
+  Returns (one_step, info, numpy copy of the initial params, first-step metrics, check):
+  `one_step()` runs one blocking step, `check()` asserts the state stayed finite.
+  """
   import jax
   from qdc_jax import optim, sharding, train
   from qdc_jax.models import transformer
@@ -106,19 +110,17 @@ def bench_jax(cfg, batch_np: dict, args) -> tuple[dict, dict, dict]:
   jax.block_until_ready(state)
 
   holder = [state]
-  time.sleep(args.pause_s)  # let other thread pools (torch OpenMP) go idle before timing
 
   def one():
-    s, _ = step(holder[0], batch, rng)
+    s, _ = step(holder[0], batch, rng)  # the old state is donated
     jax.block_until_ready(s)
     holder[0] = s
 
-  times = _common.time_calls(one, min_repeats=args.min_repeats, max_repeats=args.max_repeats,
-                             budget_s=args.budget_s)
-  assert not bool(jax.device_get(holder[0]["nonfinite"])), "JAX train step went non-finite"
-  res = dict(_common.summarize(times), compile_plus_first_s=compile_s, n_params=n_params)
-  del holder, state
-  return res, params0, first
+  def check():
+    assert not bool(jax.device_get(holder[0]["nonfinite"])), "JAX train step went non-finite"
+
+  info = {"compile_plus_first_s": compile_s, "n_params": n_params}
+  return one, info, params0, first, check
 
 
 # ----------------------------------------------------------------------------- PyTorch
@@ -306,7 +308,8 @@ def load_jax_params(tmodel, cfg, params) -> None:
   tmodel.load_state_dict({kk: v.contiguous() for kk, v in sd.items()}, strict=True)
 
 
-def bench_torch(cfg, batch_np: dict, params0, args) -> tuple[dict, dict]:
+def setup_torch(cfg, batch_np: dict, params0, args):
+  """Warmed-up PyTorch train step: returns (one_step, info, first-step metrics)."""
   import torch
   import torch.nn.functional as F
 
@@ -357,15 +360,83 @@ def bench_torch(cfg, batch_np: dict, params0, args) -> tuple[dict, dict]:
   first_s = time.perf_counter() - t0
   for _ in range(args.warmup):
     step()
-  time.sleep(args.pause_s)
-  times = _common.time_calls(step, min_repeats=args.min_repeats, max_repeats=args.max_repeats,
-                             budget_s=args.budget_s)
-  res = dict(_common.summarize(times), first_step_s=first_s, adamw=impl,
-             threads=torch.get_num_threads())
-  return res, first
+  info = {"first_step_s": first_s, "adamw": impl, "threads": torch.get_num_threads()}
+  return step, info, first
+
+
+def time_interleaved(fns: dict, peaks: dict, args) -> tuple[dict, dict]:
+  """Rounds of: one timed call of each step function (JAX, then Torch), then a short matmul
+  peak measurement of each library, so that steps and peaks see the same machine load.
+
+  A short idle pause before each timed call lets spinning thread pools settle. Runs
+  >= min_repeats rounds, then more while within budget_s * len(fns), up to max_repeats.
+  Returns ({name: [seconds per step]}, {lib: [median GFLOP/s of the peak matmul]}).
+  """
+  times = {k: [] for k in fns}
+  peak_rates = {k: [] for k in peaks}
+  start = time.perf_counter()
+  while True:
+    for k, fn in fns.items():
+      time.sleep(args.pause_s)
+      t0 = time.perf_counter()
+      fn()
+      times[k].append(time.perf_counter() - t0)
+    for k, peak in peaks.items():
+      time.sleep(args.pause_s)
+      peak_rates[k].append(peak.measure(args.round_peak_repeats)["median_gflops"])
+    n = len(times["jax"])
+    if n >= args.max_repeats or (n >= args.min_repeats and
+                                 time.perf_counter() - start > args.budget_s * len(fns)):
+      return times, peak_rates
 
 
 # ----------------------------------------------------------------------------- main
+
+
+def bench_model(name, shape, peaks, args) -> dict:
+  from qdc_jax.models import configs
+
+  cfg = configs.get_model_config(name)
+  b, t = shape
+  batch_np = make_batch(cfg.vocab_size, b, t)
+  load0 = _common.load_average()[0]
+  jone, jinfo, params0, jfirst, jcheck = setup_jax(cfg, batch_np, args)
+  fns = {"jax": jone}
+  if not args.skip_torch:
+    tone, tinfo, tfirst = setup_torch(cfg, batch_np, params0, args)
+    fns["torch"] = tone
+  del params0
+  times, rates = time_interleaved(fns, peaks, args)
+  jcheck()
+  jres = dict(_common.summarize(times["jax"]), **jinfo)
+  fl = flops_per_step(cfg, jres["n_params"], b, t)
+  jt = np.asarray(times["jax"])
+  row = {"model": name, "batch": b, "seq": t, **fl, "rounds": len(jt), "jax": jres,
+         "jax_first_step": jfirst, "load1_start": load0, "step_times": times,
+         "round_peak_gflops": rates}
+  row["jax_step_ms"] = 1e3 * jres["median_s"]
+  row["jax_tok_s"] = fl["tokens"] / jres["median_s"]
+  row["jax_gflops"] = fl["flops"] / jres["median_s"] / 1e9
+  row["jax_peak_gflops"] = float(np.median(rates["jax"]))
+  # MFU: median over rounds of (model FLOP/s of the step) / (jnp.dot peak of the same round).
+  row["jax_mfu"] = float(np.median(fl["flops"] / jt / 1e9 / np.asarray(rates["jax"])))
+  if not args.skip_torch:
+    tt = np.asarray(times["torch"])
+    tres = dict(_common.summarize(times["torch"]), **tinfo)
+    row.update(torch=tres, torch_first_step=tfirst)
+    row["torch_step_ms"] = 1e3 * tres["median_s"]
+    row["torch_tok_s"] = fl["tokens"] / tres["median_s"]
+    row["torch_gflops"] = fl["flops"] / tres["median_s"] / 1e9
+    row["torch_peak_gflops"] = float(np.median(rates["torch"]))
+    row["torch_mfu"] = float(np.median(fl["flops"] / tt / 1e9 / np.asarray(rates["torch"])))
+    row["ratio"] = row["jax_tok_s"] / row["torch_tok_s"]
+    # Median over rounds of the paired ratio (each round ran JAX and Torch back to back).
+    row["ratio_paired"] = float(np.median(tt / jt))
+    row["loss_diff"] = abs(jfirst["loss"] - tfirst["loss"])
+    row["gnorm_rel_diff"] = abs(jfirst["grad_norm"] - tfirst["grad_norm"]) / max(
+        1e-12, abs(jfirst["grad_norm"]))
+  row["load1_end"] = _common.load_average()[0]
+  return row
 
 
 def main(argv=None):
@@ -376,21 +447,24 @@ def main(argv=None):
                   help="override shapes, e.g. 'bench_d512=16x256,gpt2_125m=4x128'")
   ap.add_argument("--out", default="/tmp/qdc_bench/train_step.json", help="JSON output path")
   ap.add_argument("--warmup", type=int, default=1, help="untimed steps after the first")
-  ap.add_argument("--min_repeats", type=int, default=3)
+  ap.add_argument("--min_repeats", type=int, default=3, help="minimum timed rounds per model")
   ap.add_argument("--max_repeats", type=int, default=30)
   ap.add_argument("--budget_s", type=float, default=10.0,
-                  help="timing budget per model and framework (after min_repeats)")
+                  help="timing budget per model and framework (more rounds after "
+                       "min_repeats while within it)")
   ap.add_argument("--peak_n", type=int, default=2048, help="size of the peak matmul")
-  ap.add_argument("--peak_repeats", type=int, default=20)
+  ap.add_argument("--peak_repeats", type=int, default=20,
+                  help="calls of the peak matmul before and after the models")
+  ap.add_argument("--round_peak_repeats", type=int, default=5,
+                  help="calls of the peak matmul in every timing round")
   ap.add_argument("--torch_threads", type=int, default=2)
-  ap.add_argument("--pause_s", type=float, default=1.0,
-                  help="idle pause before each timed phase (spinning thread pools settle)")
+  ap.add_argument("--pause_s", type=float, default=0.2,
+                  help="idle pause before each timed call (spinning thread pools settle)")
   ap.add_argument("--skip_torch", action="store_true")
   args = ap.parse_args(argv)
 
   import jax
   import torch
-  from qdc_jax.models import configs
 
   torch.set_num_threads(args.torch_threads)
   shapes = dict(DEFAULT_SHAPES)
@@ -400,86 +474,56 @@ def main(argv=None):
   info = _common.machine_info()
   print(f"# train_step benchmark  {info['date']}  load {info['loadavg_1_5_15']}  "
         f"cpu {info['cpu']} x{info['cores']}  XLA_FLAGS={info['xla_flags']!r}")
-  print(f"# jax backend {jax.default_backend()} devices {jax.devices()}")
+  print(f"# jax backend {jax.default_backend()} devices {jax.devices()}; torch threads "
+        f"{torch.get_num_threads()}", flush=True)
 
-  peaks = {"jax_before": _common.jax_matmul_peak(args.peak_n, args.peak_repeats),
-           "torch_before": _common.torch_matmul_peak(args.peak_n, args.peak_repeats)}
-  print(f"# f32 matmul {args.peak_n}^3: jax median {peaks['jax_before']['median_gflops']:.1f} "
-        f"GFLOP/s (best {peaks['jax_before']['best_gflops']:.1f}); torch median "
-        f"{peaks['torch_before']['median_gflops']:.1f} (best "
-        f"{peaks['torch_before']['best_gflops']:.1f})")
+  peak_objs = {"jax": _common.MatmulPeak("jax", args.peak_n)}
+  if not args.skip_torch:
+    peak_objs["torch"] = _common.MatmulPeak("torch", args.peak_n)
+  peaks = {f"{k}_before": p.measure(args.peak_repeats) for k, p in peak_objs.items()}
 
   rows = []
   for name in filter(None, args.models.split(",")):
-    cfg = configs.get_model_config(name)
-    b, t = shapes[name]
-    batch_np = make_batch(cfg.vocab_size, b, t)
-    load0 = _common.load_average()[0]
-    jres, params0, jfirst = bench_jax(cfg, batch_np, args)
-    fl = flops_per_step(cfg, jres["n_params"], b, t)
-    row = {"model": name, "batch": b, "seq": t, "tokens": fl["tokens"], **fl,
-           "jax": jres, "jax_first_step": jfirst, "load1_start": load0}
-    row["jax_tok_s"] = fl["tokens"] / jres["median_s"]
-    row["jax_step_ms"] = 1e3 * jres["median_s"]
-    row["jax_gflops"] = fl["flops"] / jres["median_s"] / 1e9
-    if not args.skip_torch:
-      tres, tfirst = bench_torch(cfg, batch_np, params0, args)
-      row.update(torch=tres, torch_first_step=tfirst)
-      row["torch_tok_s"] = fl["tokens"] / tres["median_s"]
-      row["torch_step_ms"] = 1e3 * tres["median_s"]
-      row["torch_gflops"] = fl["flops"] / tres["median_s"] / 1e9
-      row["ratio"] = row["jax_tok_s"] / row["torch_tok_s"]
-      row["loss_diff"] = abs(jfirst["loss"] - tfirst["loss"])
-      row["gnorm_rel_diff"] = abs(jfirst["grad_norm"] - tfirst["grad_norm"]) / max(
-          1e-12, abs(jfirst["grad_norm"]))
-    del params0
-    row["load1_end"] = _common.load_average()[0]
+    row = bench_model(name, shapes[name], peak_objs, args)
     rows.append(row)
     print(f"# {name}: jax {row['jax_step_ms']:.1f} ms/step"
-          + (f", torch {row['torch_step_ms']:.1f} ms/step" if "torch_step_ms" in row else ""),
-          flush=True)
+          + (f", torch {row['torch_step_ms']:.1f} ms/step" if "torch_step_ms" in row else "")
+          + f"  (load {row['load1_start']:.2f} -> {row['load1_end']:.2f})", flush=True)
+  peaks.update({f"{k}_after": p.measure(args.peak_repeats) for k, p in peak_objs.items()})
 
-  peaks["jax_after"] = _common.jax_matmul_peak(args.peak_n, args.peak_repeats)
-  peaks["torch_after"] = _common.torch_matmul_peak(args.peak_n, args.peak_repeats)
-  # Peak = the larger of the two medians (before / after the models): conservative MFU.
-  jax_peak = max(peaks["jax_before"]["median_gflops"], peaks["jax_after"]["median_gflops"])
-  torch_peak = max(peaks["torch_before"]["median_gflops"],
-                   peaks["torch_after"]["median_gflops"])
-  for row in rows:
-    row["jax_mfu"] = row["jax_gflops"] / jax_peak
-    if "torch_gflops" in row:
-      row["torch_mfu_vs_torch_peak"] = row["torch_gflops"] / torch_peak
-      row["torch_mfu_vs_jax_peak"] = row["torch_gflops"] / jax_peak
-
-  print(f"\nf32 matmul peak ({args.peak_n}x{args.peak_n} @ {args.peak_n}x{args.peak_n}, "
-        f"median of {args.peak_repeats}; before / after the models):")
-  print(_common.format_table([
-      {"lib": "jax (jnp.dot, jit)", "before": peaks["jax_before"]["median_gflops"],
-       "after": peaks["jax_after"]["median_gflops"], "best": max(
-           peaks["jax_before"]["best_gflops"], peaks["jax_after"]["best_gflops"]),
-       "used": jax_peak},
-      {"lib": f"torch.matmul ({args.torch_threads} threads)",
-       "before": peaks["torch_before"]["median_gflops"],
-       "after": peaks["torch_after"]["median_gflops"], "best": max(
-           peaks["torch_before"]["best_gflops"], peaks["torch_after"]["best_gflops"]),
-       "used": torch_peak},
-  ], [("lib", "library", ""), ("before", "GFLOP/s before", ".1f"),
-      ("after", "GFLOP/s after", ".1f"), ("best", "best single call", ".1f"),
-      ("used", "peak used for MFU", ".1f")]))
-  print("\nTrain step (f32, AdamW + clip; median step time; MFU vs the peak above):")
+  n = args.peak_n
+  print(f"\nf32 matmul peak ({n}x{n} @ {n}x{n}; GFLOP/s, median of {args.peak_repeats} calls "
+        f"before / after the models; per model: median over rounds of a {args.round_peak_repeats}"
+        f"-call median):")
+  peak_rows = []
+  for lib, label in (("jax", "jax (jnp.dot, jit)"),
+                     ("torch", f"torch.matmul ({args.torch_threads} threads)")):
+    if f"{lib}_before" not in peaks:
+      continue
+    r = {"lib": label, "before": peaks[f"{lib}_before"]["median_gflops"],
+         "after": peaks[f"{lib}_after"]["median_gflops"],
+         "best": max(peaks[f"{lib}_before"]["best_gflops"],
+                     peaks[f"{lib}_after"]["best_gflops"])}
+    for row in rows:
+      r[row["model"]] = row.get(f"{lib}_peak_gflops")
+    peak_rows.append(r)
+  print(_common.format_table(peak_rows, [
+      ("lib", "library", ""), ("before", "before", ".1f"), ("after", "after", ".1f"),
+      ("best", "best single call", ".1f")] + [(row["model"], f"during {row['model']}", ".1f")
+                                               for row in rows]))
+  print("\nTrain step (f32, AdamW + clip; median step time over interleaved rounds; MFU = "
+        "model FLOP/s / same-round matmul peak, median over rounds):")
   print(_common.format_table(rows, [
       ("model", "model", ""), ("batch", "B", "d"), ("seq", "T", "d"),
       ("n_flops_params", "N (FLOP params)", ",d"), ("flops", "FLOP/step", ".3e"),
       ("jax_step_ms", "JAX ms/step", ".1f"), ("jax_tok_s", "JAX tok/s", ",.0f"),
       ("jax_mfu", "JAX MFU", ".1%"), ("torch_step_ms", "Torch ms/step", ".1f"),
-      ("torch_tok_s", "Torch tok/s", ",.0f"), ("torch_mfu_vs_torch_peak", "Torch MFU (own peak)",
-                                                ".1%"),
-      ("ratio", "JAX/Torch", ".2f"), ("loss_diff", "|dloss| step 1", ".1e"),
+      ("torch_tok_s", "Torch tok/s", ",.0f"), ("torch_mfu", "Torch MFU (torch peak)", ".1%"),
+      ("ratio", "JAX/Torch", ".2f"), ("ratio_paired", "paired", ".2f"),
+      ("rounds", "rounds", "d"), ("loss_diff", "|dloss| step 1", ".1e"),
       ("gnorm_rel_diff", "rel d|g| step 1", ".1e")]))
-  info_end = _common.load_average()
-  payload = {"benchmark": "train_step", "machine": info, "load_end": info_end,
-             "args": vars(args), "optimizer": vars(OPT), "peaks": peaks,
-             "jax_peak_gflops": jax_peak, "torch_peak_gflops": torch_peak, "rows": rows,
+  payload = {"benchmark": "train_step", "machine": info, "load_end": _common.load_average(),
+             "args": vars(args), "optimizer": vars(OPT), "peaks": peaks, "rows": rows,
              "flops_formula": "6*(params - position table [- untied input table])*tokens + "
                               "12*layers*seq*(heads*head_dim)*tokens"}
   _common.write_json(args.out, payload)
