@@ -37,16 +37,21 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
 
-def timed_runs(fn, repeats: int) -> list[float]:
-  times = []
-  for i in range(repeats):
-    t0 = time.perf_counter()
-    fn(i)
-    times.append(time.perf_counter() - t0)
+def time_rounds(fns: dict, args) -> dict:
+  """Rounds of one timed call of each implementation (qdc, naive, HF, qdc, ...), so that all
+  see the same machine load; `fns[k](i)` runs call i (a fresh seed) and blocks."""
+  times = {k: [] for k in fns}
+  for i in range(args.rounds):
+    for k, fn in fns.items():
+      for j in range(args.qdc_calls_per_round if k == "qdc" else 1):
+        time.sleep(args.pause_s)
+        t0 = time.perf_counter()
+        fn(1000 * i + j + 1)
+        times[k].append(time.perf_counter() - t0)
   return times
 
 
-def bench_qdc(model, params, prompts, lengths, args) -> dict:
+def setup_qdc(model, params, prompts, lengths, args):
   import jax
   from qdc_jax import sampling
   sp = sampling.SamplingParams(max_new_tokens=args.new_tokens, num_samples=args.samples,
@@ -60,10 +65,9 @@ def bench_qdc(model, params, prompts, lengths, args) -> dict:
   rows = out.tokens.shape[0]
 
   def call(i):
-    jax.block_until_ready(fn(params, prompts, lengths, jax.random.PRNGKey(100 + i)))
+    jax.block_until_ready(fn(params, prompts, lengths, jax.random.PRNGKey(i)))
 
-  times = timed_runs(call, args.repeats)
-  return dict(_common.summarize(times), rows=rows, compile_plus_first_s=compile_s)
+  return call, {"rows": rows, "compile_plus_first_s": compile_s}
 
 
 def naive_sample_fn(model, prompt_len: int, new_tokens: int):
@@ -90,7 +94,7 @@ def naive_sample_fn(model, prompt_len: int, new_tokens: int):
   return jax.jit(run)
 
 
-def bench_naive(model, params, prompts_rows, args) -> dict:
+def setup_naive(model, params, prompts_rows, args):
   import jax
   fn = naive_sample_fn(model, args.prompt_len, args.new_tokens)
   t0 = time.perf_counter()
@@ -98,11 +102,9 @@ def bench_naive(model, params, prompts_rows, args) -> dict:
   compile_s = time.perf_counter() - t0
 
   def call(i):
-    jax.block_until_ready(fn(params, prompts_rows, jax.random.PRNGKey(100 + i)))
+    jax.block_until_ready(fn(params, prompts_rows, jax.random.PRNGKey(i)))
 
-  times = timed_runs(call, args.naive_repeats)
-  return dict(_common.summarize(times), rows=prompts_rows.shape[0],
-              compile_plus_first_s=compile_s)
+  return call, {"rows": prompts_rows.shape[0], "compile_plus_first_s": compile_s}
 
 
 def hf_config(cfg, attn_implementation: str = "eager"):
@@ -123,7 +125,7 @@ def hf_config(cfg, attn_implementation: str = "eager"):
       attn_implementation=attn_implementation)
 
 
-def bench_hf(cfg, prompts_np, args) -> dict:
+def setup_hf(cfg, prompts_np, args):
   import torch
   from transformers import Gemma2ForCausalLM, GenerationConfig
 
@@ -140,7 +142,7 @@ def bench_hf(cfg, prompts_np, args) -> dict:
                          bos_token_id=1, eos_token_id=2)
 
   def call(i, ids=ids, mask=mask, gen=gen):
-    torch.manual_seed(100 + i)
+    torch.manual_seed(i)
     with torch.inference_mode():
       return model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
 
@@ -152,10 +154,9 @@ def bench_hf(cfg, prompts_np, args) -> dict:
   first_s = time.perf_counter() - t0
   rows = out.shape[0]
   assert out.shape[1] == args.prompt_len + args.new_tokens, out.shape
-  times = timed_runs(call, args.hf_repeats)
-  return dict(_common.summarize(times), rows=rows, first_s=first_s,
-              attn_implementation=model.config._attn_implementation,
-              threads=torch.get_num_threads())
+  return call, {"rows": rows, "first_s": first_s,
+                "attn_implementation": model.config._attn_implementation,
+                "threads": torch.get_num_threads()}
 
 
 def main(argv=None):
@@ -166,13 +167,17 @@ def main(argv=None):
   ap.add_argument("--samples", type=int, default=16, help="K samples per prompt")
   ap.add_argument("--prompt_len", type=int, default=32)
   ap.add_argument("--new_tokens", type=int, default=64)
-  ap.add_argument("--repeats", type=int, default=5, help="timed calls of the qdc sampler")
-  ap.add_argument("--naive_rows", type=int, default=1024,
-                  help="rows of the naive decode (<= prompts*K; per-token normalised)")
-  ap.add_argument("--naive_repeats", type=int, default=2)
+  ap.add_argument("--rounds", type=int, default=3,
+                  help="timing rounds; each times every implementation once (qdc: "
+                       "--qdc_calls_per_round)")
+  ap.add_argument("--qdc_calls_per_round", type=int, default=2)
+  ap.add_argument("--naive_rows", type=int, default=256,
+                  help="rows of the naive decode (<= prompts*K; tokens/s is per generated "
+                       "token, and its cost is linear in rows)")
   ap.add_argument("--hf_rows", type=int, default=1024,
                   help="rows of the HF run (a multiple of --samples; per-token normalised)")
-  ap.add_argument("--hf_repeats", type=int, default=2)
+  ap.add_argument("--pause_s", type=float, default=0.2,
+                  help="idle pause before each timed call (spinning thread pools settle)")
   ap.add_argument("--hf_attn", default="eager",
                   help="HF attention implementation; 'eager' applies the soft-cap")
   ap.add_argument("--torch_threads", type=int, default=2)
@@ -203,19 +208,22 @@ def main(argv=None):
         f"window={cfg.sliding_window}; {args.num_prompts} prompts x K={args.samples} = {rows} "
         f"rows, prompt {args.prompt_len}, {args.new_tokens} new tokens", flush=True)
 
-  results = {}
   load0 = _common.load_average()[0]
-  results["qdc"] = bench_qdc(model, params, prompts, lengths, args)
-  print(f"# qdc done: {results['qdc']['median_s']:.3f} s", flush=True)
+  fns, infos = {}, {}
+  fns["qdc"], infos["qdc"] = setup_qdc(model, params, prompts, lengths, args)
+  print(f"# qdc compiled + first call: {infos['qdc']['compile_plus_first_s']:.1f} s", flush=True)
   if not args.skip_naive:
     n = min(args.naive_rows, rows)
     prompt_rows = np.repeat(prompts, args.samples, axis=0)[:n]
-    results["naive"] = bench_naive(model, params, prompt_rows, args)
-    print(f"# naive done: {results['naive']['median_s']:.3f} s", flush=True)
+    fns["naive"], infos["naive"] = setup_naive(model, params, prompt_rows, args)
+    print(f"# naive compiled + first call: {infos['naive']['compile_plus_first_s']:.1f} s",
+          flush=True)
   if not args.skip_hf:
-    results["hf"] = bench_hf(cfg, prompts, args)
-    print(f"# hf done: {results['hf']['median_s']:.3f} s", flush=True)
+    fns["hf"], infos["hf"] = setup_hf(cfg, prompts, args)
+    print(f"# hf first call: {infos['hf']['first_s']:.1f} s", flush=True)
+  times = time_rounds(fns, args)
   load1 = _common.load_average()[0]
+  results = {k: dict(_common.summarize(times[k]), **infos[k], times=times[k]) for k in fns}
 
   table = []
   labels = {"qdc": "(a) qdc_jax jit_sample (KV cache)",

@@ -56,13 +56,13 @@ def get_config(arg: str = ""):
   if arg in ("student", "generator"):
     c.model.name = f"lab_{arg}"
     c.data.task = arg
-    c.train.pack = True
-    c.train.batch_size = 32
-    c.train.steps = 1500 if arg == "student" else 1200
+    c.train.pack = True  # ~4k tokens per step either way
+    c.train.batch_size = 16 if arg == "student" else 8
     c.train.seq_len = 256 if arg == "student" else 512
-    c.train.save_every = 250
+    c.train.steps = 800 if arg == "student" else 600
+    c.train.save_every = 100
     c.train.opt.lr = 3e-3
-    c.train.opt.warmup_steps = 100
+    c.train.opt.warmup_steps = 50
     if arg == "generator":
       c.eval.max_new_tokens = 320
   elif arg in ("smoke", "generator_smoke"):

@@ -43,6 +43,10 @@ def get(kind: str, name: str) -> Any:
 # Experiments: one run(config, workdir) each.
 register("experiment", "lm", "qdc_jax.experiments.lm:run")
 register("experiment", "evaluate", "qdc_jax.experiments.evaluate:run")
+register("experiment", "sparq", "qdc_jax.experiments.sparq:run")
+
+# SPARQ mutators (generators that are not language models).
+register("mutator", "arith_programmatic", "qdc_jax.sparq.agents:ProgrammaticGenerator")
 
 register("tokenizer", "char", "qdc_jax.tokenizers:CharTokenizer")
 register("tokenizer", "sentencepiece", "qdc_jax.tokenizers:SentencePieceTokenizer")

@@ -165,11 +165,14 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 1
 
 def generate_text(params, prompts: Sequence[str], *, model: transformer.Transformer, tokenizer,
                   sp: SamplingParams, rng: jax.Array, batch_size: int = 64, mesh=None,
-                  rules=None, param_shardings=None) -> list[list[str]]:
+                  rules=None, param_shardings=None, pad_multiple: int = 16,
+                  fixed_batch: bool = False) -> list[list[str]]:
   """Host convenience: K completions (text) for each prompt string.
 
   Prompts are encoded with BOS, grouped into batches of `batch_size` prompts (one sampler
-  call each, K rows per prompt), and decoded up to EOS.
+  call each, K rows per prompt), and decoded up to EOS. Loops that call this every round keep
+  one compiled shape with `fixed_batch=True` (always `batch_size` rows) and a coarse
+  `pad_multiple` for the prompt length.
   """
   # Model vocabularies are often padded past the tokenizer's; never sample those ids.
   sp = dataclasses.replace(sp, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
@@ -178,14 +181,17 @@ def generate_text(params, prompts: Sequence[str], *, model: transformer.Transfor
   min_rows = 1
   if mesh is not None:
     min_rows = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+  if not prompts:
+    return []
   encoded = [tokenizer.encode(p, add_bos=True) for p in prompts]
-  batch_size = max(1, min(batch_size, len(encoded)))
+  if not fixed_batch:
+    batch_size = max(1, min(batch_size, len(encoded)))
   out: list[list[str]] = []
   for start in range(0, len(encoded), batch_size):
     chunk = encoded[start:start + batch_size]
     # A fixed row count per call keeps one compiled shape for all full batches.
     toks, lens = pad_prompts(chunk + [chunk[-1]] * (batch_size - len(chunk)),
-                             tokenizer.pad_id, min_rows=min_rows)
+                             tokenizer.pad_id, multiple=pad_multiple, min_rows=min_rows)
     res = jax.device_get(run(params, toks, lens, jax.random.fold_in(rng, start)))
     for i in range(len(chunk)):
       rows = range(i * sp.num_samples, (i + 1) * sp.num_samples)
