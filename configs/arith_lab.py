@@ -22,6 +22,7 @@ def get_config(arg: str = ""):
   c = ml_collections.ConfigDict()
   c.experiment = "lm"  # qdc_jax.registry experiment name
   c.model = config_lib.model_section("lab_tiny")  # a named model; fields override it
+  c.init_from = ""  # model directory (or "asset:NAME") to fine-tune; "" = from scratch
   c.mesh = config_lib.mesh_section((-1, 1, 1))
 
   c.tokenizer = ml_collections.ConfigDict()
@@ -59,11 +60,15 @@ def get_config(arg: str = ""):
     c.train.pack = True  # ~4k tokens per step either way
     c.train.batch_size = 16 if arg == "student" else 8
     c.train.seq_len = 256 if arg == "student" else 512
-    c.train.steps = 800 if arg == "student" else 600
+    c.train.steps = 800 if arg == "student" else 500
     c.train.save_every = 100
     c.train.opt.lr = 3e-3
     c.train.opt.warmup_steps = 50
     if arg == "generator":
+      # The generator starts from the student: it must solve its own children to state a
+      # correct intended answer, and learning arithmetic from scratch is the slow part.
+      c.init_from = "asset:lab_student"
+      c.train.opt.lr = 1e-3
       c.eval.max_new_tokens = 320
   elif arg in ("smoke", "generator_smoke"):
     c.model.name = "lab_tiny"

@@ -78,7 +78,7 @@ def get_config(arg: str = ""):
   # Distillation: thesis 1 epoch, lr 2e-6 cosine to 2e-7, batch 16 (full scale); scaled up
   # for the tiny lab student, which needs larger steps to move in a few hundred updates.
   c.distill = fit.default_train_config()
-  c.distill.steps = 150
+  c.distill.steps = 150  # -1 = one epoch over the phase-2 pairs
   c.distill.batch_size = 16
   c.distill.seq_len = 256
   c.distill.pack = True
@@ -107,7 +107,7 @@ def get_config(arg: str = ""):
     c.annotator.kind = "lm"
     c.data.seed_source, c.data.num_seeds = "math", 0
     c.phase2.budget = 32768
-    c.distill.steps, c.distill.batch_size, c.distill.seq_len = 20000, 16, 2048
+    c.distill.steps, c.distill.batch_size, c.distill.seq_len = -1, 16, 2048  # one epoch
     c.distill.opt.lr, c.distill.opt.final_lr_ratio, c.distill.opt.warmup_steps = 2e-6, 0.1, 100
     c.eval.test_size, c.eval.k = 0, 96
   elif arg == "self_improve":

@@ -114,7 +114,8 @@ def fit(tc: ml_collections.ConfigDict, *, model: transformer.Transformer,
     if init_params is not None:
       opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(init_params)
       state = {"step": jnp.zeros((), jnp.int32),
-               "params": jax.device_put(init_params, shardings["params"]),
+               # A copy: the step donates its state, and the caller keeps its params.
+               "params": jax.device_put(init_params, shardings["params"], may_alias=False),
                "opt_state": opt_state, "nonfinite": jnp.zeros((), jnp.bool_)}
     else:
       state, _ = train.create_train_state(rng, model=model, tx=tx, seq_len=tc.seq_len,
@@ -124,8 +125,9 @@ def fit(tc: ml_collections.ConfigDict, *, model: transformer.Transformer,
       shardings, mesh, rules)
   eval_fn = train.jit_eval_step(functools.partial(train.eval_step, model=model),
                                 shardings["params"], mesh, rules)
-  eval_data = (pipeline.eval_batches(eval_records, tokenizer, seq_len=tc.seq_len,
-                                     batch_size=tc.batch_size)
+  eval_data = (pipeline.eval_batches(list(eval_records)[jax.process_index()::nproc],
+                                     tokenizer, seq_len=tc.seq_len,
+                                     batch_size=tc.batch_size // nproc)
                if eval_records else [])
   end = tc.steps if tc.stop_at_step < 0 else min(tc.steps, tc.stop_at_step)
   log = metrics_log.MetricLogger(workdir, name=name, total_steps=tc.steps, start_step=start)
@@ -146,8 +148,8 @@ def fit(tc: ml_collections.ConfigDict, *, model: transformer.Transformer,
       state, metrics = step_fn(state, batch, jax.random.fold_in(rng, step))
       is_save = step % tc.save_every == 0 or step == end
       if step % tc.log_every == 0 or is_save:
-        check_finite(step)
         log.write(step, jax.device_get(metrics), items_per_step=tokens_per_step)
+        check_finite(step)
       if eval_data and tc.eval_every and step % tc.eval_every == 0:
         eval_metrics = evaluate(state["params"], eval_fn, eval_data, mesh, rules)
         log.write(step, eval_metrics, console=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from typing import Any, Optional
 
 import jax
@@ -31,14 +32,20 @@ def asset_path(name: str) -> str:
 
 def save_model(directory: str, cfg: transformer.ModelConfig, params: Any, *,
                tokenizer: Optional[dict] = None, notes: Optional[dict] = None) -> None:
-  os.makedirs(directory, exist_ok=True)
+  """Writes a fresh model directory (replacing one that exists, never half-written)."""
   meta = {"model": dataclasses.asdict(cfg), "tokenizer": tokenizer or {}, "notes": notes or {}}
-  with ckpt_lib.Checkpointer(os.path.join(directory, "params"), save_every=1, keep=1,
+  tmp = directory.rstrip("/") + ".tmp"
+  if jax.process_index() == 0:
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+  with ckpt_lib.Checkpointer(os.path.join(tmp, "params"), save_every=1, keep=1,
                              async_save=False) as c:
     c.maybe_save(0, params, force=True)
   if jax.process_index() == 0:
-    with open(os.path.join(directory, "model.json"), "w") as f:
+    with open(os.path.join(tmp, "model.json"), "w") as f:
       json.dump(meta, f, indent=2)
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
 
 
 def load_model_config(directory: str) -> tuple[transformer.ModelConfig, dict]:

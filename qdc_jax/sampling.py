@@ -84,6 +84,9 @@ def sample(params, prompts_BxP: jax.Array, prompt_lengths_B: jax.Array, rng: jax
   cfg = model.config
   b, p = prompts_BxP.shape
   k, n = sp.num_samples, sp.max_new_tokens
+  if cfg.position == "learned" and p + n > cfg.max_len:
+    raise ValueError(f"Prompt length {p} + max_new_tokens {n} exceeds the learned position "
+                     f"table ({cfg.max_len} rows); shorten one of them.")
   cache = transformer.init_cache(cfg, b, p + n)
   cache = nn.with_logical_constraint(cache, transformer.cache_logical_axes(cfg))
   positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32)[None], (b, p))
@@ -124,9 +127,28 @@ def sample(params, prompts_BxP: jax.Array, prompt_lengths_B: jax.Array, rng: jax
   return SampleOutput(tokens, lengths, logps)
 
 
+_JITTED: dict = {}
+
+
 def jit_sample(model: transformer.Transformer, sp: SamplingParams, mesh=None, rules=None,
                param_shardings=None):
-  """Jitted `sample(params, prompts, lengths, rng)`; sharded over the data axes on a mesh."""
+  """Jitted `sample(params, prompts, lengths, rng)`; sharded over the data axes on a mesh.
+
+  Cached per (model, sampling params, mesh, rules, param shardings): loops that sample every
+  round reuse one compiled sampler instead of re-tracing a fresh jit each call.
+  """
+  key = (model, sp, mesh, None if rules is None else tuple(map(tuple, rules)),
+         id(param_shardings))
+  hit = _JITTED.get(key)
+  if hit is not None and hit[0] is param_shardings:
+    return hit[1]
+  run = _build_sampler(model, sp, mesh, rules, param_shardings)
+  # The shardings object is kept alive with the entry, so its id cannot be reused.
+  _JITTED[key] = (param_shardings, run)
+  return run
+
+
+def _build_sampler(model, sp, mesh, rules, param_shardings):
   fn = functools.partial(sample, model=model, sp=sp)
   if mesh is None:
     return jax.jit(fn)

@@ -14,6 +14,8 @@ from typing import Any, Callable, Optional, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from absl import logging
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -76,8 +78,10 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Optional[Sequence[Any]
     raise ValueError(f"Mesh shape {tuple(shape)} needs {math.prod(shape)} devices, "
                      f"have {len(devices)}; use -1 on one axis to fill")
   try:
-    arr = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
-  except Exception:  # Fake CPU devices / odd topologies: a plain reshape is fine there.
+    # Topology-aware device order on TPU/GPU slices.
+    arr = mesh_utils.create_device_mesh(shape, devices)
+  except (ValueError, NotImplementedError, AssertionError) as e:
+    logging.info("mesh_utils could not lay out %s (%s); using device order", shape, e)
     arr = np.asarray(devices).reshape(shape)
   return Mesh(arr, tuple(axis_names))
 

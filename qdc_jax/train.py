@@ -73,8 +73,11 @@ def train_step(state, batch, rng, *, model: nn.Module, tx: optax.GradientTransfo
   if accum_steps == 1:
     (loss_sum, aux), grads = grad_fn(params, batch)
   else:
+    # Strided micro-batches (rows i, i+A, i+2A, ...): each one spans every data shard, so
+    # all devices work on every micro-step instead of 1/A of them.
     micro = jax.tree.map(
-        lambda x: x.reshape((accum_steps, x.shape[0] // accum_steps) + x.shape[1:]), batch)
+        lambda x: x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:]
+                            ).swapaxes(0, 1), batch)
 
     def body(carry, mb):
       (l, a), g = grad_fn(params, mb)

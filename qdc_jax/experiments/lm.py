@@ -115,11 +115,25 @@ def run(config, workdir: str) -> dict:
     raise ValueError(f"Unknown data.source {config.data.source!r}; choose 'arith' or 'jsonl'")
   logging.info("model: %s | %d train / %d eval records", model.config, len(train_records),
                len(eval_records))
+  init_params = None
+  if config.get("init_from"):  # fine-tune a model directory (e.g. the shipped student)
+    path = config.init_from
+    if path.startswith("asset:"):
+      path = model_io.asset_path(path[len("asset:"):])
+    init_cfg, init_params, _, _, _ = model_io.load_model(path, mesh=mesh, rules=rules)
+    shapes = lambda c: (c.vocab_size, c.d_model, c.num_layers, c.num_heads, c.num_kv_heads,
+                        c.head_dim, c.d_ff)
+    if shapes(init_cfg) != shapes(model.config):
+      raise ValueError(f"init_from={config.init_from} has shapes {shapes(init_cfg)}, the model "
+                       f"config {shapes(model.config)}: pick a matching model.name")
   t0 = time.time()
   result = fit.fit(config.train, model=model, train_records=train_records,
                    eval_records=eval_records, tokenizer=tokenizer, workdir=workdir, mesh=mesh,
-                   rules=rules)
+                   rules=rules, init_params=init_params)
   report = {"steps": result.step, "train_seconds": time.time() - t0, **result.eval_metrics}
+  if result.step < config.train.steps:  # stopped early (train.stop_at_step): resume later
+    logging.info("Stopped at step %d of %d; not exporting.", result.step, config.train.steps)
+    return report
   tok_meta = ({"kind": "char", "alphabet": arith.ALPHABET} if config.tokenizer.kind == "char"
               else {"kind": config.tokenizer.kind, "path": config.tokenizer.path})
   model_io.save_model(os.path.join(workdir, "model"), model.config, result.params,

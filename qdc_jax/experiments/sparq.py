@@ -17,11 +17,13 @@ from flags.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
 
 import jax
+import ml_collections
 import numpy as np
 from absl import logging
 
@@ -62,8 +64,9 @@ def _seeds(config) -> list[loop.Seed]:
 
 
 def _eval_sets(config, student: agents.LMStudent) -> dict:
-  """split -> (prompts, references, ks)."""
-  ec, k = config.eval, config.sparq.k
+  """split -> (prompts, references, ks); every split gets eval.k samples per problem, so
+  in-distribution pass@1 is the unbiased mean over k samples, not one draw."""
+  ec = config.eval
   ks_ood = tuple(x for x in (1, 2, 4, 8, 16, 32, 64, 96) if x <= ec.k)
   if config.data.seed_source == "lab":
     out = {}
@@ -79,18 +82,22 @@ def _eval_sets(config, student: agents.LMStudent) -> dict:
     if path:
       ex = math_tasks.load(name, path)[:ec.test_size or None]
       out[split] = ([student.prompt(e.question) for e in ex], [e.answer for e in ex], ks)
-  del k
   return out
 
 
-def _evaluate(lm, student, sets, config, path) -> dict:
-  """Metrics per split, cached in `path` (evaluation is the slow part of a resume)."""
+def _evaluate(lm, student, sets, config, path, key: dict) -> dict:
+  """Metrics per split, cached in `path` under `key` (what was evaluated and how): a resume
+  reuses them only if nothing that shapes them changed."""
+  key = {**key, "eval": config.eval.to_dict(), "max_new_tokens": student.max_new_tokens,
+         "seed": config.sparq.seed}
   if os.path.exists(path):
     with open(path) as f:
-      return json.load(f)
+      cached = json.load(f)
+    if cached.get("key") == key:
+      return cached["results"]
   out = {}
   for split, (prompts, refs, ks) in sets.items():
-    k = max(ks) if len(ks) > 1 else 1
+    k = config.eval.k
     m, _ = solve.solve_and_score(
         lm.params, prompts, refs, model=lm.model, tokenizer=lm.tokenizer, k=k,
         temperature=config.eval.temperature, max_new_tokens=student.max_new_tokens, ks=ks,
@@ -98,13 +105,19 @@ def _evaluate(lm, student, sets, config, path) -> dict:
         mesh=lm.mesh, rules=lm.rules, param_shardings=lm.param_shardings)
     out[split] = m
   if jax.process_index() == 0:
-    with open(path, "w") as f:
-      json.dump(out, f, indent=2)
+    with open(path + ".tmp", "w") as f:
+      json.dump({"key": key, "results": out}, f, indent=2)
+    os.replace(path + ".tmp", path)  # never a half-written cache
   return out
 
 
-def phase2_records(items, config, student: agents.LMStudent) -> list[dict]:
-  children = [it for it in items if it.round > 0]
+def phase2_records(items, config, student: agents.LMStudent, exclude_prompts=()
+                   ) -> list[dict]:
+  """(question, successful solution) training records; questions equal to an evaluation
+  problem are dropped (a mutated child can land on a test problem)."""
+  exclude = set(exclude_prompts)
+  children = [it for it in items if it.round > 0 and student.prompt(it.question or "")
+              not in exclude]
   fc = config.phase2
   if fc.filter == "none":
     pairs = filters.phase2_pairs(children)
@@ -158,22 +171,31 @@ def run(config, workdir: str) -> dict:
     logger.close()
   t_phase1 = time.time() - t_start
 
-  records = phase2_records(items, config, student)
-  logging.info("Phase 2: %d training pairs (filter %s)", len(records), config.phase2.filter)
   sets = _eval_sets(config, student)
+  records = phase2_records(items, config, student,
+                           [p for prompts, _, _ in sets.values() for p in prompts])
+  logging.info("Phase 2: %d training pairs (filter %s)", len(records), config.phase2.filter)
   baseline = _evaluate(student_lm, student, sets, config,
-                       os.path.join(workdir, "eval_baseline.json"))
+                       os.path.join(workdir, "eval_baseline.json"), {"model": "baseline"})
   result = {"baseline": baseline}
   if records:
+    records_hash = hashlib.sha256(json.dumps(records).encode()).hexdigest()[:16]
     tc = config.distill
+    if tc.steps < 0:  # -1: one epoch over the phase-2 pairs (the thesis's setting)
+      tc = ml_collections.ConfigDict(tc.to_dict())
+      tc.steps = max(1, -(-len(records) // tc.batch_size))
     distilled = fit.fit(tc, model=student_lm.model, train_records=records,
                         tokenizer=student_lm.tokenizer,
-                        workdir=os.path.join(workdir, "distill"), mesh=mesh, rules=rules,
+                        # Other phase-2 data (more rounds, another filter): a fresh run.
+                        workdir=os.path.join(workdir, f"distill_{records_hash}"), mesh=mesh,
+                        rules=rules,
                         init_params=student_lm.params, name="distill")
     sparq_lm = agents.LM(student_lm.model, distilled.params, student_lm.tokenizer, mesh, rules,
                          distilled.param_shardings, student_lm.extra_stop_ids)
     result["sparq"] = _evaluate(sparq_lm, student, sets, config,
-                                os.path.join(workdir, "eval_sparq.json"))
+                                os.path.join(workdir, "eval_sparq.json"),
+                                {"model": "sparq", "distill_step": distilled.step,
+                                 "records": records_hash})
   else:
     logging.warning("No item reached QUALITY > 0: nothing to distill.")
   result["timing"] = {"phase1_s": t_phase1, "total_s": time.time() - t_start,

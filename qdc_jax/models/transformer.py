@@ -197,7 +197,7 @@ class Attention(nn.Module):
 
     b, t = q.shape[:2]
     q = q.reshape(b, t, k, n // k, h)  # grouped-query attention
-    logits = jnp.einsum("btkgh,bskh->bkgts", q, keys).astype(jnp.float32)
+    logits = jnp.einsum("btkgh,bskh->bkgts", q, keys, preferred_element_type=jnp.float32)
     logits = _softcap(logits, cfg.attn_softcap)
     logits = jnp.where(mask[:, None, None], logits, _NEG_INF)
     probs = jax.nn.softmax(logits, axis=-1).astype(dt)
@@ -301,11 +301,12 @@ class Transformer(nn.Module):
     if return_hidden:
       return x, new_cache
     if cfg.tie_embeddings:
-      logits = jnp.einsum("btd,vd->btv", x, embedding.astype(dt))
+      logits = jnp.einsum("btd,vd->btv", x, embedding.astype(dt),
+                          preferred_element_type=jnp.float32)
     else:
       head = _param(self, "lm_head", nn.initializers.normal(cfg.d_model ** -0.5),
                     (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pdt)
-      logits = jnp.einsum("btd,dv->btv", x, head.astype(dt))
+      logits = jnp.einsum("btd,dv->btv", x, head.astype(dt), preferred_element_type=jnp.float32)
     logits = _softcap(logits.astype(jnp.float32), cfg.final_softcap)
     logits = nn.with_logical_constraint(logits, ("act_batch", "act_len", "act_vocab"))
     return logits, new_cache

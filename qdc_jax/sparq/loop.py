@@ -10,6 +10,8 @@ Round 0 holds the seed set (strategy "seed"), so item ids are unique across seed
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -51,6 +53,14 @@ def _strategy_kwargs(sc) -> dict:
   return {}
 
 
+def fingerprint(seeds: Sequence[Seed], sc) -> str:
+  """What must not change between a run and its resume: phase-1 knobs (not the number of
+  rounds, which may grow) and the seed set."""
+  knobs = {k: v for k, v in sc.to_dict().items() if k != "rounds"}
+  blob = json.dumps([knobs, [dataclasses.astuple(s) for s in seeds]], sort_keys=True)
+  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def init_archive(archive: Archive, seeds: Sequence[Seed], roles: Roles, sc
                  ) -> skills_lib.SkillVocabulary:
   """Round 0: annotate the seed set, build the skill vocabulary and the initial W."""
@@ -67,7 +77,8 @@ def init_archive(archive: Archive, seeds: Sequence[Seed], roles: Roles, sc
   stats = sparq_metrics.ArchiveStats()
   archive.commit_round(0, items, {"strategy_state": state.to_json(),
                                   "vocabulary": vocab.to_json(), "stats": stats.to_json(),
-                                  "skill_counter": counter.to_json(), "times": {}})
+                                  "skill_counter": counter.to_json(), "times": {},
+                                  "fingerprint": fingerprint(seeds, sc)})
   return vocab
 
 
@@ -78,10 +89,11 @@ def run_rounds(archive: Archive, seeds: Sequence[Seed], roles: Roles, sc, *,
     init_archive(archive, seeds, roles, sc)
   saved = archive.latest_state()
   strategy = registry.get("strategy", sc.strategy)
-  if saved["strategy_state"].get("strategy") != sc.strategy:
-    raise ValueError(f"The archive in {archive.directory} was made with strategy "
-                     f"{saved['strategy_state'].get('strategy')!r}, the config says "
-                     f"{sc.strategy!r}: use a fresh --workdir or the same strategy")
+  made_with = archive.load_state(0).get("fingerprint")
+  if made_with != fingerprint(seeds, sc):
+    raise ValueError(f"The archive in {archive.directory} was made with other sparq.* settings "
+                     f"or another seed set (only sparq.rounds may change on resume): use a "
+                     f"fresh --workdir, or the settings it was made with")
   state = strategy.state_from_json(saved["strategy_state"])
   vocab = skills_lib.SkillVocabulary.from_json(archive.load_state(0)["vocabulary"])
   stats = sparq_metrics.ArchiveStats.from_json(saved["stats"])
@@ -129,9 +141,8 @@ def run_rounds(archive: Archive, seeds: Sequence[Seed], roles: Roles, sc, *,
     round_times = {"generator_s": t_gen, "student_s": t_solve,
                    "host_s": t_total - t_gen - t_solve, "round_s": t_total}
     times = {k: times.get(k, 0.0) + v for k, v in round_times.items()}
-    archive.commit_round(r, new, {"strategy_state": state.to_json(),
-                                  "stats": stats.to_json(),
-                                  "skill_counter": counter.to_json(), "times": times})
+    # Metrics first, then the commit: a kill in between re-runs the round, and the logger
+    # drops rows of uncommitted rounds on restart, so each round is logged exactly once.
     if logger is not None:
       row.update(round_times)
       row["rollouts_per_s"] = len(readable) * sc.k / max(t_solve, 1e-9)
@@ -139,5 +150,8 @@ def run_rounds(archive: Archive, seeds: Sequence[Seed], roles: Roles, sc, *,
       row["host_share"] = round_times["host_s"] / max(t_total, 1e-9)
       row["unknown_skill_annotations"] = counter.num_with_unknown
       logger.write(r, {k: v for k, v in row.items() if isinstance(v, (int, float))})
+    archive.commit_round(r, new, {"strategy_state": state.to_json(),
+                                  "stats": stats.to_json(),
+                                  "skill_counter": counter.to_json(), "times": times})
   logging.info("SPARQ phase 1 done: %d rounds, %d items", sc.rounds, len(items))
   return [items[i] for i in sorted(items)]
