@@ -115,7 +115,8 @@ def get_config(arg: str = ""):
   elif arg == "smoke":
     c.sparq.rounds, c.sparq.parents_per_round, c.sparq.k = 3, 8, 4
     c.data.num_seeds = 32
-    c.generator.max_new_tokens, c.student.max_new_tokens = 48, 32
+    # Long enough for whole children and solutions: a smoke run must reach distillation.
+    c.generator.max_new_tokens, c.student.max_new_tokens = 256, 96
     c.distill.steps, c.distill.batch_size, c.distill.seq_len = 4, 4, 128
     c.distill.log_every, c.distill.save_every = 2, 2
     c.eval.test_size, c.eval.k = 8, 4

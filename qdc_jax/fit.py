@@ -95,6 +95,11 @@ def fit(tc: ml_collections.ConfigDict, *, model: transformer.Transformer,
   if tc.batch_size % (nproc * tc.accum_steps):
     raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by processes x "
                      f"train.accum_steps = {nproc} x {tc.accum_steps}")
+  data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if (tc.batch_size // tc.accum_steps) % data_shards:
+    raise ValueError(f"train batch {tc.batch_size} / accum_steps {tc.accum_steps} must be "
+                     f"divisible by the data x fsdp mesh axes ({data_shards} devices); change "
+                     f"the batch size or --config.mesh.shape")
   rng = jax.random.PRNGKey(tc.seed)
   abstract = train.abstract_train_state(rng, model=model, tx=tx, seq_len=tc.seq_len,
                                         mesh=mesh, rules=rules)
