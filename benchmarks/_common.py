@@ -41,11 +41,12 @@ def machine_info() -> dict:
           break
   except OSError:
     pass
+  from importlib import metadata
   versions = {}
   for mod in ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "numpy"):
-    try:
-      versions[mod] = __import__(mod).__version__
-    except Exception:  # not installed / broken: leave it out
+    try:  # metadata only: importing torch here would start its thread pools in this process
+      versions[mod] = metadata.version(mod)
+    except metadata.PackageNotFoundError:
       pass
   return {
       "cpu": cpu,
@@ -111,8 +112,9 @@ class MatmulPeak:
   def measure(self, repeats: int = 20) -> dict:
     times = time_calls(self._call, min_repeats=repeats, max_repeats=repeats)
     flops = 2.0 * self.n ** 3
-    return {"n": self.n, "median_gflops": flops / statistics.median(times) / 1e9,
-            "best_gflops": flops / min(times) / 1e9, "repeats": repeats}
+    self.last = {"n": self.n, "median_gflops": flops / statistics.median(times) / 1e9,
+                 "best_gflops": flops / min(times) / 1e9, "repeats": repeats}
+    return self.last
 
 
 def jax_matmul_peak(n: int = 2048, repeats: int = 20) -> dict:

@@ -24,9 +24,12 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import multiprocessing
 import os
 import sys
+import tempfile
 import time
+import traceback
 import types
 
 import numpy as np
@@ -364,6 +367,94 @@ def setup_torch(cfg, batch_np: dict, params0, args):
   return step, info, first
 
 
+class TorchWorker:
+  """The PyTorch side in its own (spawned) process, driven one step at a time over a pipe.
+
+  Keeps torch's OpenMP/MKL threads and allocator out of the JAX process (and vice versa);
+  while one side runs, the other is blocked on a pipe read. Without `model` it only offers
+  the matmul peak. Also a peak object: `measure(repeats)` / `last`, like MatmulPeak.
+  """
+
+  def __init__(self, args, model=None, shape=None, params_path=None):
+    ctx = multiprocessing.get_context("spawn")
+    self.conn, child = ctx.Pipe()
+    self.proc = ctx.Process(target=_torch_worker_main, daemon=True,
+                            args=(child, vars(args), model, shape, params_path))
+    self.proc.start()
+    msg = self.conn.recv()
+    if msg[0] == "error":
+      raise RuntimeError("torch worker failed:\n" + msg[1])
+    _, self.info, self.first = msg
+
+  def _ask(self, cmd, arg=None):
+    self.conn.send((cmd, arg))
+    return self.conn.recv()
+
+  def step(self):
+    self._ask("step")
+
+  def measure(self, repeats):
+    self.last = self._ask("peak", repeats)
+    return self.last
+
+  def close(self):
+    self.conn.send(("stop", None))
+    self.proc.join(timeout=30)
+
+
+def _save_params(params, path):
+  flat = {}
+
+  def walk(prefix, tree):
+    for k, v in tree.items():
+      if isinstance(v, dict):
+        walk(prefix + k + "/", v)
+      else:
+        flat[prefix + k] = np.asarray(v)
+  walk("", params)
+  np.savez(path, **flat)
+
+
+def _load_params(path):
+  out = {}
+  with np.load(path) as z:
+    for key in z.files:
+      node = out
+      *parents, leaf = key.split("/")
+      for p in parents:
+        node = node.setdefault(p, {})
+      node[leaf] = z[key]
+  return out
+
+
+def _torch_worker_main(conn, args_dict, model, shape, params_path):
+  try:
+    import torch
+    args = argparse.Namespace(**args_dict)
+    torch.set_num_threads(args.torch_threads)
+    peak = _common.MatmulPeak("torch", args.peak_n)
+    step, info, first = None, {}, {}
+    if model:
+      from qdc_jax.models import configs
+      cfg = configs.get_model_config(model)
+      batch_np = make_batch(cfg.vocab_size, *shape)
+      step, info, first = setup_torch(cfg, batch_np, _load_params(params_path), args)
+    info["threads"] = torch.get_num_threads()
+    conn.send(("ready", info, first))
+  except Exception:  # report to the parent instead of hanging it
+    conn.send(("error", traceback.format_exc()))
+    return
+  while True:
+    cmd, arg = conn.recv()
+    if cmd == "step":
+      step()
+      conn.send(None)
+    elif cmd == "peak":
+      conn.send(peak.measure(arg))
+    else:
+      return
+
+
 def time_interleaved(fns: dict, peaks: dict, args) -> tuple[dict, dict]:
   """Rounds of: one timed call of each step function (JAX, then Torch), then a short matmul
   peak measurement of each library, so that steps and peaks see the same machine load.
@@ -382,8 +473,9 @@ def time_interleaved(fns: dict, peaks: dict, args) -> tuple[dict, dict]:
       fn()
       times[k].append(time.perf_counter() - t0)
     for k, peak in peaks.items():
-      time.sleep(args.pause_s)
-      peak_rates[k].append(peak.measure(args.round_peak_repeats)["median_gflops"])
+      if args.round_peak_repeats > 0:
+        time.sleep(args.pause_s)
+        peak_rates[k].append(peak.measure(args.round_peak_repeats)["median_gflops"])
     n = len(times["jax"])
     if n >= args.max_repeats or (n >= args.min_repeats and
                                  time.perf_counter() - start > args.budget_s * len(fns)):
@@ -402,11 +494,26 @@ def bench_model(name, shape, peaks, args) -> dict:
   load0 = _common.load_average()[0]
   jone, jinfo, params0, jfirst, jcheck = setup_jax(cfg, batch_np, args)
   fns = {"jax": jone}
-  if not args.skip_torch:
+  worker = None
+  peaks = {"jax": peaks["jax"]}
+  if not args.skip_torch and args.torch_in_process:
     tone, tinfo, tfirst = setup_torch(cfg, batch_np, params0, args)
     fns["torch"] = tone
+    peaks["torch"] = _common.MatmulPeak("torch", args.peak_n)
+  elif not args.skip_torch:
+    with tempfile.TemporaryDirectory() as tmp:
+      path = os.path.join(tmp, "params.npz")
+      _save_params(params0, path)
+      worker = TorchWorker(args, name, shape, path)
+    tinfo, tfirst = worker.info, worker.first
+    fns["torch"] = worker.step
+    peaks["torch"] = worker
   del params0
-  times, rates = time_interleaved(fns, peaks, args)
+  try:
+    times, rates = time_interleaved(fns, peaks, args)
+  finally:
+    if worker is not None:
+      worker.close()
   jcheck()
   jres = dict(_common.summarize(times["jax"]), **jinfo)
   fl = flops_per_step(cfg, jres["n_params"], b, t)
@@ -418,6 +525,9 @@ def bench_model(name, shape, peaks, args) -> dict:
   row["jax_best_ms"] = 1e3 * jres["min_s"]
   row["jax_tok_s"] = fl["tokens"] / jres["median_s"]
   row["jax_gflops"] = fl["flops"] / jres["median_s"] / 1e9
+  if not rates["jax"]:  # --round_peak_repeats=0: use the peaks measured before the models
+    rates = {k: [p.last["median_gflops"]] * len(jt) for k, p in peaks.items()}
+    row["round_peak_gflops"] = rates
   row["jax_peak_gflops"] = float(np.median(rates["jax"]))
   # MFU: median over rounds of (model FLOP/s of the step) / (jnp.dot peak of the same round).
   row["jax_mfu"] = float(np.median(fl["flops"] / jt / 1e9 / np.asarray(rates["jax"])))
@@ -460,17 +570,18 @@ def main(argv=None):
   ap.add_argument("--peak_repeats", type=int, default=20,
                   help="calls of the peak matmul before and after the models")
   ap.add_argument("--round_peak_repeats", type=int, default=5,
-                  help="calls of the peak matmul in every timing round")
+                  help="calls of the peak matmul in every timing round (0: none; MFU then "
+                       "uses the peak measured before the models)")
   ap.add_argument("--torch_threads", type=int, default=2)
   ap.add_argument("--pause_s", type=float, default=0.2,
                   help="idle pause before each timed call (spinning thread pools settle)")
   ap.add_argument("--skip_torch", action="store_true")
+  ap.add_argument("--torch_in_process", action="store_true",
+                  help="run PyTorch in the JAX process instead of a separate worker process")
   args = ap.parse_args(argv)
 
   import jax
-  import torch
 
-  torch.set_num_threads(args.torch_threads)
   shapes = dict(DEFAULT_SHAPES)
   for item in filter(None, args.shapes.split(",")):
     name, bt = item.split("=")
@@ -478,12 +589,18 @@ def main(argv=None):
   info = _common.machine_info()
   print(f"# train_step benchmark  {info['date']}  load {info['loadavg_1_5_15']}  "
         f"cpu {info['cpu']} x{info['cores']}  XLA_FLAGS={info['xla_flags']!r}")
-  print(f"# jax backend {jax.default_backend()} devices {jax.devices()}; torch threads "
-        f"{torch.get_num_threads()}", flush=True)
+  print(f"# jax backend {jax.default_backend()} devices {jax.devices()}; torch "
+        f"{'in this process' if args.torch_in_process else 'in a worker process'}, "
+        f"{args.torch_threads} threads", flush=True)
 
   peak_objs = {"jax": _common.MatmulPeak("jax", args.peak_n)}
   if not args.skip_torch:
-    peak_objs["torch"] = _common.MatmulPeak("torch", args.peak_n)
+    if args.torch_in_process:
+      import torch
+      torch.set_num_threads(args.torch_threads)
+      peak_objs["torch"] = _common.MatmulPeak("torch", args.peak_n)
+    else:
+      peak_objs["torch"] = TorchWorker(args)  # peak only
   peaks = {f"{k}_before": p.measure(args.peak_repeats) for k, p in peak_objs.items()}
 
   rows = []
@@ -494,6 +611,8 @@ def main(argv=None):
           + (f", torch {row['torch_step_ms']:.1f} ms/step" if "torch_step_ms" in row else "")
           + f"  (load {row['load1_start']:.2f} -> {row['load1_end']:.2f})", flush=True)
   peaks.update({f"{k}_after": p.measure(args.peak_repeats) for k, p in peak_objs.items()})
+  if isinstance(peak_objs.get("torch"), TorchWorker):
+    peak_objs["torch"].close()
 
   n = args.peak_n
   print(f"\nf32 matmul peak ({n}x{n} @ {n}x{n}; GFLOP/s, median of {args.peak_repeats} calls "
