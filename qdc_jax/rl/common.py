@@ -1,0 +1,229 @@
+"""What the RL workloads (SFT, EI, PPO, RCRL) share: the task, the policy, evaluation, export.
+
+A task is three lists of `Item`s (train questions the policy explores on, validation questions
+that decide saturation / the best checkpoint, and named test splits for the final tables).
+On the lab (the default) they are oracle-checked arithmetic problems: train/val from the
+student's training distribution with fresh seeds, test = the fixed in-distribution and OOD
+test problems that no workload ever trains on. With a real dataset they come from files
+(`math_tasks.load`), paths from flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Optional, Sequence
+
+import jax
+import ml_collections
+
+from qdc_jax import fit
+from qdc_jax import model_io
+from qdc_jax.data import arith
+from qdc_jax.data import lab_tasks
+from qdc_jax.eval import solve
+from qdc_jax.models import transformer
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+  question: str
+  prompt: str  # what the model is shown
+  answer: str  # reference final answer
+  solution: str = ""  # reference solution ending in the answer line ("" when unknown)
+
+
+@dataclasses.dataclass
+class Task:
+  train: list[Item]
+  val: list[Item]
+  test: dict[str, list[Item]]
+
+
+def task_section(name: str = "lab") -> ml_collections.ConfigDict:
+  """`config.task`: which questions RL explores on, validates and tests on."""
+  c = ml_collections.ConfigDict()
+  c.name = name  # 'lab' | 'gsm8k' | 'math' | 'svamp' (real datasets read from the paths)
+  c.train_path = ""  # real datasets: JSONL/Parquet of training questions
+  c.val_path = ""  # real datasets: validation file ('' = hold out val_size of train)
+  c.test_path = ""  # real datasets: test file ('' = no test split)
+  c.seed = 1  # lab: which training questions (the shipped student trained on seed 0)
+  c.train_size = 512  # questions explored on (0 = all, real datasets)
+  c.val_size = 128  # validation questions
+  c.test_size = 128  # test questions per split (0 = all, real datasets)
+  c.bridge_fraction = 0.1  # lab: share of longer questions, as in the student's training
+  c.prompt_template = arith.PROMPT_TEMPLATE  # real datasets; must contain {question}
+  return c
+
+
+def _lab_item(p: arith.Problem) -> Item:
+  rec = p.to_record()
+  return Item(question=p.text, prompt=rec["prompt"], answer=str(p.answer),
+              solution=rec["completion"])
+
+
+def load_task(c: ml_collections.ConfigDict) -> Task:
+  if c.name == "lab":
+    test = {s: lab_tasks.test_problems(s, c.test_size) for s in ("in_dist", "ood")}
+    exclude = test["in_dist"] + test["ood"]
+    val = lab_tasks.without(arith.make_split("in_dist", c.val_size, seed=c.seed + 1000),
+                            exclude)
+    train = lab_tasks.without(
+        lab_tasks.student_problems(c.train_size, c.seed, c.bridge_fraction), exclude + val)
+    return Task(train=[_lab_item(p) for p in train], val=[_lab_item(p) for p in val],
+                test={s: [_lab_item(p) for p in ps] for s, ps in test.items()})
+  from qdc_jax.data import math_tasks  # pylint: disable=g-import-not-at-top
+  if not c.train_path:
+    raise ValueError(f"task.name={c.name!r} needs --config.task.train_path (a JSONL or "
+                     f"Parquet file of {c.name} rows)")
+
+  def items(path):
+    return [Item(question=e.question,
+                 prompt=math_tasks.format_prompt(c.prompt_template, e.question),
+                 answer=e.answer, solution=math_tasks.to_record(e)["completion"]
+                 if e.solution else "") for e in math_tasks.load(c.name, path)]
+
+  train = items(c.train_path)
+  if c.val_path:
+    val = items(c.val_path)[:c.val_size or None]
+  else:
+    if len(train) <= c.val_size:
+      raise ValueError(f"{c.train_path} has {len(train)} rows, not more than task.val_size="
+                       f"{c.val_size}: give --config.task.val_path or lower val_size")
+    train, val = train[:-c.val_size], train[-c.val_size:]
+  test = {c.name: items(c.test_path)[:c.test_size or None]} if c.test_path else {}
+  return Task(train=train[:c.train_size or None], val=val, test=test)
+
+
+def sft_records(items: Sequence[Item]) -> list[dict]:
+  """{'prompt', 'completion'} records of the reference solutions (items without one skipped)."""
+  return [{"prompt": it.prompt, "completion": it.solution} for it in items if it.solution]
+
+
+# ---------------------------------------------------------------------------------------------
+# The policy: a model directory (qdc_jax.model_io), e.g. the shipped student.
+
+
+@dataclasses.dataclass
+class Policy:
+  model: transformer.Transformer
+  params: Any
+  tokenizer: Any
+  shardings: Any
+  meta: dict
+  path: str
+
+
+def resolve_model_dir(path: str) -> str:
+  """'asset:NAME' -> the shipped asset directory; other paths unchanged."""
+  return model_io.asset_path(path[len("asset:"):]) if path.startswith("asset:") else path
+
+
+def load_policy(path: str, *, mesh, rules) -> Policy:
+  directory = resolve_model_dir(path)
+  if not os.path.exists(os.path.join(directory, "model.json")):
+    raise FileNotFoundError(f"{path}: no model.json there; give a model directory written by "
+                            f"qdc_jax.model_io (e.g. <workdir>/model of an lm/sft run) or "
+                            f"'asset:lab_student'")
+  cfg, params, tok, meta, shardings = model_io.load_model(directory, mesh=mesh, rules=rules)
+  if tok is None:
+    raise ValueError(f"{directory}/model.json names no tokenizer")
+  return Policy(transformer.Transformer(cfg), params, tok, shardings, meta, directory)
+
+
+def export(directory: str, policy: Policy, params: Any, notes: Optional[dict] = None) -> None:
+  """Write `params` as a model directory with the policy's config and tokenizer."""
+  model_io.save_model(directory, policy.model.config, params,
+                      tokenizer=policy.meta.get("tokenizer"), notes=notes or {})
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: maj@1 (greedy), maj@K, pass@K and solution diversity.
+
+
+def eval_section(k: int = 16) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.k = k  # samples per question (the thesis: 96)
+  c.temperature = 0.7  # test-time sampling temperature (greedy for maj@1)
+  c.max_new_tokens = 160
+  c.ks = (1, 4, k)  # pass@k / maj@k budgets
+  c.batch_size = 64  # questions per sampler call (x k rows)
+  c.seed = 0
+  return c
+
+
+def evaluate(params, items: Sequence[Item], *, policy: Policy, ec, mesh, rules,
+             param_shardings=None) -> tuple[dict, dict]:
+  """`solve.solve_and_score` on `items`: metrics (greedy_accuracy = maj@1, maj@k, pass@k,
+  diversity/...) and the completions."""
+  return solve.solve_and_score(
+      params, [it.prompt for it in items], [it.answer for it in items], model=policy.model,
+      tokenizer=policy.tokenizer, k=ec.k, temperature=ec.temperature,
+      max_new_tokens=ec.max_new_tokens, ks=tuple(k for k in ec.ks if k <= ec.k),
+      rng=jax.random.PRNGKey(ec.seed), batch_size=ec.batch_size, mesh=mesh, rules=rules,
+      param_shardings=param_shardings or policy.shardings)
+
+
+def headline(m: dict, k: int) -> dict:
+  """The thesis table columns of one `evaluate` result."""
+  return {"maj@1": m.get("greedy_accuracy"), f"maj@{k}": m.get(f"maj@{k}"),
+          f"pass@{k}": m.get(f"pass@{k}"),
+          "diversity_exact": m.get("diversity/exact"),
+          "diversity_trace": m.get("diversity/trace")}
+
+
+# ---------------------------------------------------------------------------------------------
+# SFT hyper-parameters (shared by SFT, EI's re-fits from the base and RCRL).
+
+
+def sft_train_section(preset: str = "lab") -> ml_collections.ConfigDict:
+  """`config.train` for fine-tuning a policy (qdc_jax.fit knobs plus `epochs`)."""
+  c = fit.default_train_config()
+  c.epochs = 0.0  # > 0: steps = ceil(epochs x records / batch_size) (overrides steps)
+  if preset == "lab":
+    # Fine-tuning the shipped student (trained at lr 3e-3 from scratch): a tenth of it.
+    c.steps, c.batch_size, c.seq_len, c.pack = 200, 16, 256, True
+    c.opt.lr, c.opt.warmup_steps, c.opt.final_lr_ratio = 3e-4, 20, 0.01
+    c.log_every, c.save_every = 25, 100
+  elif preset == "gemma":
+    # Thesis SFT / EI: 4 epochs, global batch 128, lr 2e-5 cosine-decayed to 2e-7.
+    c.epochs, c.batch_size, c.seq_len, c.pack = 4.0, 128, 512, False
+    c.opt.lr, c.opt.warmup_steps, c.opt.final_lr_ratio = 2e-5, 50, 0.01
+    c.opt.weight_decay = 0.0
+    c.log_every, c.save_every = 10, 200
+  elif preset == "smoke":
+    c.steps, c.batch_size, c.seq_len, c.pack = 4, 8, 128, False
+    c.opt.lr, c.opt.warmup_steps = 1e-3, 1
+    c.log_every, c.save_every = 2, 2
+  else:
+    raise ValueError(f"Unknown SFT preset {preset!r}; choose 'lab', 'gemma' or 'smoke'")
+  return c
+
+
+def resolve_train(tc: ml_collections.ConfigDict, num_records: int) -> ml_collections.ConfigDict:
+  """A copy of `tc` with `steps` from `epochs` when epochs > 0 (the cosine follows it)."""
+  out = ml_collections.ConfigDict(tc.to_dict())
+  if tc.get("epochs", 0) and tc.epochs > 0:
+    out.steps = max(1, math.ceil(tc.epochs * num_records / tc.batch_size))
+  return out
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Atomic JSON write (a kill leaves the old file or the new one, never half of one)."""
+  if jax.process_index() != 0:
+    return
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def read_json(path: str) -> Optional[Any]:
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
