@@ -44,6 +44,15 @@ def get(kind: str, name: str) -> Any:
 register("experiment", "lm", "qdc_jax.experiments.lm:run")
 register("experiment", "evaluate", "qdc_jax.experiments.evaluate:run")
 register("experiment", "sparq", "qdc_jax.experiments.sparq:run")
+register("experiment", "sft", "qdc_jax.experiments.sft:run")
+register("experiment", "ei", "qdc_jax.experiments.ei:run")
+register("experiment", "ppo", "qdc_jax.experiments.ppo:run")
+register("experiment", "rcrl", "qdc_jax.experiments.rcrl:run")
+
+# RL rewards: fn(items, completions, *, tokenizer) -> qdc_jax.rl.rewards.Rewards.
+register("reward", "sparse", "qdc_jax.rl.rewards:sparse")
+register("reward", "dense", "qdc_jax.rl.rewards:dense")
+register("reward", "model", "qdc_jax.rl.rewards:RewardModelReward")
 
 # SPARQ mutators (generators that are not language models).
 register("mutator", "arith_programmatic", "qdc_jax.sparq.agents:ProgrammaticGenerator")

@@ -167,11 +167,19 @@ def evaluate(params, items: Sequence[Item], *, policy: Policy, ec, mesh, rules,
 
 
 def headline(m: dict, k: int) -> dict:
-  """The thesis table columns of one `evaluate` result."""
-  return {"maj@1": m.get("greedy_accuracy"), f"maj@{k}": m.get(f"maj@{k}"),
-          f"pass@{k}": m.get(f"pass@{k}"),
-          "diversity_exact": m.get("diversity/exact"),
-          "diversity_trace": m.get("diversity/trace")}
+  """The thesis table columns of one `evaluate` result (maj@1 is the greedy accuracy)."""
+  out = {"maj@1": m.get("greedy_accuracy"), f"maj@{k}": m.get(f"maj@{k}"),
+         f"pass@{k}": m.get(f"pass@{k}"), "sample_accuracy": m.get("accuracy")}
+  for key in ("exact_all", "trace_all", "exact_correct", "trace_correct"):
+    out[f"diversity/{key}"] = m.get(f"diversity/{key}")
+  return out
+
+
+# Every RL experiment writes <workdir>/rl_report.json (docs/results.md is built from these):
+# {"algorithm": "sft" | "ei" | "ppo" | "rcrl", "variant": str, "seed": int, "k": int,
+#  "curve": [{"round": int, "rollouts": int, **headline(validation metrics)}, ...],
+#  "final": {split: headline(test metrics) for each test split}, "notes": {...}}
+REPORT_FILE = "rl_report.json"
 
 
 # ---------------------------------------------------------------------------------------------
