@@ -263,38 +263,60 @@ class Transformer(nn.Module):
   @nn.compact
   def __call__(self, tokens_BxT: Array, positions_BxT: Optional[Array] = None,
                segment_ids_BxT: Optional[Array] = None, cache: Optional[Cache] = None,
-               *, return_hidden: bool = False, logits_index_B: Optional[Array] = None):
+               *, return_hidden: bool = False, logits_index_B: Optional[Array] = None,
+               layers: Optional[tuple[int, int]] = None,
+               hidden_BxTxD: Optional[Array] = None):
     """`logits_index_B` keeps one position per row before the vocabulary readout
     (logits come back [B, 1, V]): prefill needs only the last prompt token, and the full
-    [B, P, V] f32 logits of a 256k vocabulary would dwarf everything else."""
+    [B, P, V] f32 logits of a 256k vocabulary would dwarf everything else.
+
+    Pieces of the stack (PPO's frozen bottom shared by policy, reference and value branch):
+    `layers=(a, b)` runs blocks a..b-1 only, starting from `hidden_BxTxD` (the residual
+    stream entering block a) instead of the embeddings when given. With b < num_layers the
+    residual stream leaving block b-1 comes back (no final norm, no readout); only the
+    parameters of the pieces that run are needed.
+    """
     cfg = self.config
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     b, t = tokens_BxT.shape
+    first, last = layers if layers is not None else (0, cfg.num_layers)
+    if not 0 <= first <= last <= cfg.num_layers:
+      raise ValueError(f"layers={layers} is not a range within 0..{cfg.num_layers}")
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[None], (b, t))
     if segment_ids_BxT is None:
       segment_ids_BxT = jnp.ones((b, t), jnp.int32)
     # With the sqrt(d) input scale, std d^-0.5 gives unit-scale inputs and O(1) tied logits.
     emb_std = cfg.d_model ** -0.5 if cfg.embed_scale else 0.02
-    embedding = _param(self, "embedding", nn.initializers.normal(stddev=emb_std),
-                       (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), pdt)
-    x = jnp.take(embedding, tokens_BxT, axis=0).astype(dt)
-    if cfg.embed_scale:
-      x = x * jnp.asarray(math.sqrt(cfg.d_model), dt)
-    if cfg.position == "learned":
-      table = _param(self, "pos_embedding", nn.initializers.normal(stddev=0.02),
-                     (cfg.max_len, cfg.d_model), (None, "embed"), pdt)
-      x = x + jnp.take(table, positions_BxT, axis=0).astype(dt)
+    embedding = None
+    if hidden_BxTxD is None or (last == cfg.num_layers and cfg.tie_embeddings
+                                and not return_hidden):
+      embedding = _param(self, "embedding", nn.initializers.normal(stddev=emb_std),
+                         (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), pdt)
+    if hidden_BxTxD is not None:
+      x = hidden_BxTxD.astype(dt)
+    else:
+      if first != 0:
+        raise ValueError(f"layers={layers} starts after block 0: pass hidden_BxTxD")
+      x = jnp.take(embedding, tokens_BxT, axis=0).astype(dt)
+      if cfg.embed_scale:
+        x = x * jnp.asarray(math.sqrt(cfg.d_model), dt)
+      if cfg.position == "learned":
+        table = _param(self, "pos_embedding", nn.initializers.normal(stddev=0.02),
+                       (cfg.max_len, cfg.d_model), (None, "embed"), pdt)
+        x = x + jnp.take(table, positions_BxT, axis=0).astype(dt)
     x = nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
 
     block_cls = nn.remat(Block) if cfg.remat else Block
     new_cache = {} if cache is not None else None
-    for i in range(cfg.num_layers):
+    for i in range(first, last):
       name = f"layer_{i}"
       x, c = block_cls(cfg, cfg.attention_kind(i), name=name)(
           x, positions_BxT, segment_ids_BxT, None if cache is None else cache[name])
       if cache is not None:
         new_cache[name] = c
+    if last < cfg.num_layers:
+      return x, new_cache
     x = Norm(cfg, name="final_norm")(x)
     if logits_index_B is not None:
       x = jnp.take_along_axis(x, logits_index_B[:, None, None].astype(jnp.int32), axis=1)

@@ -1,0 +1,172 @@
+"""Rewards for RL on reasoning tasks, chosen by name through `qdc_jax.registry` ("reward").
+
+A reward function maps (items, completions) to `Rewards`: one sequence score per completion
+(placed on its last token) and, for dense rewards, extra rewards at character offsets of the
+completion (the ends of its steps), which `token_rewards_from_offsets` moves onto tokens.
+
+- sparse: 1 if the final answer equals the reference, else 0 (thesis 3.3).
+- dense: sparse + `step_weight / #reference steps` for every step of the completion whose
+  arithmetic matches a step of the reference solution (the thesis's heuristic step matching).
+- model: the probability of a correct answer that an outcome reward model gives the whole
+  completion (`RewardModelReward`).
+Completions whose answer cannot be read score 0 and are counted in `unparseable`, never raise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qdc_jax.data import answers
+from qdc_jax.eval import metrics
+
+
+@dataclasses.dataclass
+class Rewards:
+  scores: np.ndarray  # [B] sequence-level reward, on the completion's last token
+  correct: np.ndarray  # [B] bool: final answer correct (for logging / best-of-N)
+  unparseable: int = 0  # completions with no readable final answer
+  # Per completion: (character offset where a rewarded step ends, reward); dense rewards only.
+  step_rewards: Optional[list[list[tuple[int, float]]]] = None
+
+
+def _correctness(items, completions) -> tuple[np.ndarray, int]:
+  if len(items) != len(completions):
+    raise ValueError(f"{len(items)} items but {len(completions)} completions")
+  correct, unparseable = [], 0
+  for it, text in zip(items, completions):
+    found = answers.extract_answer(text)
+    if found is None:
+      unparseable += 1
+      correct.append(False)
+    else:
+      correct.append(answers.answers_equal(found, it.answer))
+  return np.asarray(correct, bool), unparseable
+
+
+def sparse(items: Sequence[Any], completions: Sequence[str], **_) -> Rewards:
+  correct, bad = _correctness(items, completions)
+  return Rewards(correct.astype(np.float32), correct, bad)
+
+
+def step_spans(text: str) -> list[tuple[int, str]]:
+  """(end offset, line) of every non-empty line of a completion."""
+  out, start = [], 0
+  for line in text.split("\n"):
+    end = start + len(line)
+    if line.strip():
+      out.append((end, line))
+    start = end + 1
+  return out
+
+
+def dense(items: Sequence[Any], completions: Sequence[str], *, step_weight: float = 0.5,
+          **_) -> Rewards:
+  """Sparse reward + step matching against the reference solution's operations."""
+  base = sparse(items, completions)
+  steps: list[list[tuple[int, float]]] = []
+  for it, text in zip(items, completions):
+    ref_ops = set(metrics.operation_trace(it.solution or ""))
+    row: list[tuple[int, float]] = []
+    if ref_ops:
+      per_step = step_weight / len(ref_ops)
+      seen: set = set()
+      for end, line in step_spans(text):
+        ops = [op for op in metrics.operation_trace(line) if op in ref_ops and op not in seen]
+        if ops:
+          seen.update(ops)  # a reference step pays once, however often it is repeated
+          row.append((end, per_step * len(ops)))
+    steps.append(row)
+  return dataclasses.replace(base, step_rewards=steps)
+
+
+def token_index_of_offset(tokenizer, token_ids: Sequence[int], offset: int) -> int:
+  """The first token whose decoded prefix covers `offset` characters (binary search)."""
+  lo, hi = 1, len(token_ids)
+  while lo < hi:
+    mid = (lo + hi) // 2
+    if len(tokenizer.decode(list(token_ids[:mid]))) >= offset:
+      hi = mid
+    else:
+      lo = mid + 1
+  return lo - 1
+
+
+def token_rewards_from_offsets(rewards: Rewards, tokenizer, responses: Sequence[Sequence[int]],
+                               prompt_lengths: Sequence[int], width: int) -> np.ndarray:
+  """Dense step rewards as an [B, width] array aligned with PPO's targets (zeros if none)."""
+  out = np.zeros((len(responses), width), np.float32)
+  if rewards.step_rewards is None:
+    return out
+  for i, (resp, steps) in enumerate(zip(responses, rewards.step_rewards)):
+    for offset, value in steps:
+      j = token_index_of_offset(tokenizer, resp, offset)
+      out[i, prompt_lengths[i] - 1 + j] += value
+  return out
+
+
+class RewardModelReward:
+  """Scores completions with an outcome reward model (`qdc_jax.models.heads.RewardModel`):
+  reward = sigmoid(score at the completion's last token) = P(correct) by the ORM."""
+
+  def __init__(self, model, params, tokenizer, *, batch_size: int = 64):
+    self.model, self.params, self.tokenizer, self.batch_size = (model, params, tokenizer,
+                                                                batch_size)
+    self._apply = jax.jit(lambda p, t: model.apply({"params": p}, t))
+
+  def __call__(self, items: Sequence[Any], completions: Sequence[str], **_) -> Rewards:
+    correct, bad = _correctness(items, completions)
+    seqs = [self.tokenizer.encode(it.prompt + c, add_bos=True)
+            for it, c in zip(items, completions)]
+    scores = np.zeros(len(seqs), np.float32)
+    width = -(-max(len(s) for s in seqs) // 32) * 32
+    for start in range(0, len(seqs), self.batch_size):
+      chunk = seqs[start:start + self.batch_size]
+      toks = np.full((self.batch_size, width), self.tokenizer.pad_id, np.int32)
+      for r, s in enumerate(chunk):
+        toks[r, :len(s)] = s
+      logits = np.asarray(self._apply(self.params, jnp.asarray(toks)))
+      for r, s in enumerate(chunk):
+        scores[start + r] = 1.0 / (1.0 + np.exp(-logits[r, len(s) - 1]))
+    return Rewards(scores, correct, bad)
+
+
+def save_reward_model(directory: str, cfg, params: dict, tokenizer_meta: dict) -> None:
+  """A reward-model directory: model.json + params/ ({"trunk", "head"}, qdc_jax.checkpoint)."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  from qdc_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  os.makedirs(directory, exist_ok=True)
+  with ckpt_lib.Checkpointer(os.path.join(directory, "params"), save_every=1, keep=1,
+                             async_save=False) as c:
+    c.maybe_save(0, params, force=True)
+  with open(os.path.join(directory, "model.json"), "w") as f:
+    json.dump({"model": dataclasses.asdict(cfg), "tokenizer": tokenizer_meta,
+               "kind": "reward_model"}, f, indent=2)
+
+
+def load_reward_model(directory: str, **kwargs) -> RewardModelReward:
+  """`RewardModelReward` of a directory written by `save_reward_model`."""
+  import os  # pylint: disable=g-import-not-at-top
+  from qdc_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from qdc_jax import model_io, tokenizers  # pylint: disable=g-import-not-at-top
+  from qdc_jax.models import heads  # pylint: disable=g-import-not-at-top
+  cfg, meta = model_io.load_model_config(directory)
+  if meta.get("kind") != "reward_model":
+    raise ValueError(f"{directory}/model.json is not a reward model (kind "
+                     f"{meta.get('kind')!r}); write one with rewards.save_reward_model")
+  model = heads.RewardModel(cfg)
+  abstract = jax.eval_shape(lambda: __import__("flax").linen.meta.unbox(
+      model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]))
+  with ckpt_lib.Checkpointer(os.path.join(directory, "params"), save_every=1) as c:
+    params, _ = c.restore(abstract)
+  tok_meta = meta.get("tokenizer") or {}
+  if tok_meta.get("kind") == "char":
+    tok = tokenizers.make_tokenizer("char", alphabet=tok_meta["alphabet"])
+  else:
+    tok = tokenizers.make_tokenizer("sentencepiece", model_path=tok_meta["path"])
+  return RewardModelReward(model, params, tok, **kwargs)
