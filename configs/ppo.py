@@ -41,7 +41,8 @@ def get_config(arg: str = ""):
   c.ppo.samples_per_question = 4  # N samples per question
   c.ppo.best_k = 4  # keep the best K of the N (K = N: keep all)
   c.ppo.temperature = 0.7  # exploration temperature (thesis: 0.7 from SFT, 0.2 prompted)
-  c.ppo.max_new_tokens = 128  # completion budget while exploring
+  c.ppo.max_new_tokens = 96  # completion budget while exploring (lab solutions: <= ~80)
+  c.ppo.seq_bucket = 128  # rollout rows padded to a multiple of this (fewer compiles)
   c.ppo.epochs = 4  # PPO epochs over each rollout batch
   c.ppo.minibatch_size = 16  # rows per gradient step; rollout rows must be a multiple
   c.ppo.clip_eps = 0.2  # policy ratio clip
@@ -62,7 +63,7 @@ def get_config(arg: str = ""):
   c.ppo.save_every = 5  # checkpoint every N iterations (and at every evaluation)
 
   c.opt = ml_collections.ConfigDict(dict(
-      lr=5e-5,  # peak learning rate
+      lr=1e-4,  # peak learning rate
       warmup_steps=10,  # optimiser steps of linear warmup
       final_lr_ratio=1.0,  # 1.0 = constant after warmup
       b1=0.9, b2=0.95, eps=1e-8,

@@ -50,6 +50,15 @@ def make_reward(rc):
   return functools.partial(fn, step_weight=rc.step_weight) if rc.name == "dense" else fn
 
 
+def put_global(batch: dict, mesh, rules) -> dict:
+  """A batch every process holds in full -> global arrays sharded over the data axes."""
+  out = {}
+  for k, v in batch.items():
+    sh = sharding_lib.batch_sharding(mesh, rules, np.ndim(v))
+    out[k] = jax.make_array_from_callback(v.shape, sh, lambda idx, v=v: v[idx])
+  return out
+
+
 def make_spec_hyper(config, model_config):
   pc = config.ppo
   spec = ppo.Spec(model_config, value_layers=pc.value_layers, frozen_layers=pc.frozen_layers,
@@ -106,7 +115,12 @@ def run(config, workdir: str) -> dict:
 
   trainable, frozen = ppo.split_params(nn.meta.unbox(policy.params), spec,
                                        jax.random.PRNGKey(config.seed))
-  state = ppo.init_state(trainable, tx)
+  # New leaves (value head, LoRA factors) live on one device: replicate them on the mesh;
+  # copies of policy leaves keep the policy's shardings.
+  rep = sharding_lib.replicated(mesh)
+  place = lambda x: x if getattr(x.sharding, "mesh", None) == mesh else jax.device_put(x, rep)
+  trainable, frozen = jax.tree.map(place, trainable), jax.tree.map(place, frozen)
+  state = jax.tree.map(place, ppo.init_state(trainable, tx))
   sizes = ppo.param_bytes(trainable, frozen, state["opt_state"], spec)
   logging.info("PPO state bytes: %s (naive layout %s, ratio %.3f)", sizes["held"],
                sizes["naive"], sizes["ratio"])
@@ -121,20 +135,22 @@ def run(config, workdir: str) -> dict:
                  host["rollouts"])
   moments = ppo.RunningMoments(**host["moments"])
 
-  # Fixed shapes: one compile for sampling, scoring and the update.
+  # Few shapes: prompts padded to one length for the sampler; rollout rows to the batch's
+  # longest prompt + response rounded up to `seq_bucket` (a handful of compiles in all).
   prompts = [tok.encode(it.prompt, add_bos=True) for it in task.train]
   p_len = -(-max(len(p) for p in prompts) // 16) * 16
-  seq_len = p_len + pc.max_new_tokens
   sp = sampling.SamplingParams(max_new_tokens=pc.max_new_tokens,
                                num_samples=pc.samples_per_question,
                                temperature=pc.temperature, eos_id=tok.eos_id,
                                pad_id=tok.pad_id, valid_vocab_size=tok.vocab_size)
-  sample_fn = sampling.jit_sample(policy.model, sp)
-  assemble = jax.jit(functools.partial(ppo.policy_params, spec=spec))
+  sample_fn = sampling.jit_sample(policy.model, sp, mesh, rules, policy.shardings)
+  assemble = jax.jit(functools.partial(ppo.policy_params, spec=spec),
+                     out_shardings=policy.shardings)
   experience_fn = jax.jit(functools.partial(ppo.make_experience, spec=spec, hyper=hyper))
   update_fn = jax.jit(functools.partial(ppo.ppo_update, spec=spec, hyper=hyper, tx=tx),
                       donate_argnums=(0,))
   ec = config.eval
+  data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
   log = metrics_log.MetricLogger(workdir, name="ppo", total_steps=pc.iterations,
                                  start_step=host["iteration"], unit="iterations")
 
@@ -158,11 +174,11 @@ def run(config, workdir: str) -> dict:
       pick = np.random.default_rng([config.seed, it]).choice(
           len(task.train), pc.questions_per_batch, replace=False)
       toks, lens = sampling.pad_prompts([prompts[i] for i in pick], tok.pad_id,
-                                        multiple=p_len)
+                                        multiple=p_len, min_rows=data_shards)
       params = assemble(state["trainable"], frozen)
       out = jax.device_get(sample_fn(params, toks, lens, jax.random.fold_in(rng, it)))
       responses = [list(out.tokens[r, :max(int(out.lengths[r]), 1)])
-                   for r in range(out.tokens.shape[0])]
+                   for r in range(len(pick) * pc.samples_per_question)]
       texts = [tok.decode(r) for r in responses]
       row_items = [task.train[i] for i in pick for _ in range(pc.samples_per_question)]
       rw = reward_fn(row_items, texts, tokenizer=tok)
@@ -171,6 +187,8 @@ def run(config, workdir: str) -> dict:
       kept_prompts = [row_prompts[i] for i in keep]
       kept_responses = [responses[i] for i in keep]
       scaled = ppo.scale_scores(rw.scores[keep], moments)
+      longest = max(len(p) + len(r) for p, r in zip(kept_prompts, kept_responses))
+      seq_len = -(-longest // pc.seq_bucket) * pc.seq_bucket
       batch = ppo.rollout_batch(kept_prompts, kept_responses, seq_len, tok.pad_id)
       dense = None
       if rw.step_rewards is not None:
@@ -179,7 +197,7 @@ def run(config, workdir: str) -> dict:
         dense = rewards_lib.token_rewards_from_offsets(
             sub, tok, kept_responses, [len(p) for p in kept_prompts], seq_len - 1)
         dense = dense / np.float32(moments.std)
-      batch = sharding_lib.put_batch(batch, mesh, rules) if mesh.size > 1 else batch
+      batch = put_global(batch, mesh, rules)
       exp, stats = experience_fn(state["trainable"], frozen, batch, jnp.asarray(scaled),
                                  None if dense is None else jnp.asarray(dense),
                                  jnp.float32(host["kl_coef"]))
