@@ -3,6 +3,7 @@ branch, frozen parameters / reference through updates, Hydra + LoRA bytes, and P
 reward of a toy task with a known optimum."""
 
 import functools
+import os
 import math
 
 import flax.linen as nn
@@ -355,3 +356,58 @@ def _opt_state_like(cfg, trainable):
   opt = ml_collections.ConfigDict(cfg.opt.to_dict())
   opt.total_steps = 10
   return optim.make_optimizer(opt).init(trainable)
+
+
+def test_reward_model_reward_round_trip(tmp_path):
+  from qdc_jax import registry, tokenizers
+  from qdc_jax.data import arith
+  from qdc_jax.models import heads
+  tok = tokenizers.make_tokenizer("char", alphabet=arith.ALPHABET)
+  cfg = configs.get_model_config("lab_tiny")
+  rm = heads.RewardModel(cfg)
+  params = nn.meta.unbox(rm.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
+  params["head"]["w"] = jax.random.normal(jax.random.PRNGKey(1), (cfg.d_model,))
+  rewards.save_reward_model(str(tmp_path / "rm"), cfg, params,
+                            {"kind": "char", "alphabet": arith.ALPHABET})
+  reward = rewards.load_reward_model(str(tmp_path / "rm"), batch_size=2)
+  items = [common.Item("q", "Question: 1+1\nSolution:\n", "2")] * 3
+  texts = ["1+1=2\nThe answer is 2.", "The answer is 3.", "no answer"]
+  out = reward(items, texts)
+  np.testing.assert_array_equal(out.correct, [True, False, False])
+  assert out.unparseable == 1
+  for i, t in enumerate(texts):  # independent: the model on each sequence alone
+    ids = tok.encode(items[i].prompt + t, add_bos=True)
+    logit = rm.apply({"params": params}, jnp.asarray([ids]))[0, -1]
+    assert out.scores[i] == pytest.approx(float(jax.nn.sigmoid(logit)), rel=1e-5)
+  assert registry.get("reward", "sparse")(items, texts).scores.tolist() == [1.0, 0.0, 0.0]
+  with pytest.raises(ValueError, match="not a reward model"):
+    from qdc_jax import model_io
+    model_io.save_model(str(tmp_path / "policy"), cfg, nn.meta.unbox(
+        transformer.Transformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
+        ["params"]), tokenizer={"kind": "char", "alphabet": arith.ALPHABET})
+    rewards.load_reward_model(str(tmp_path / "policy"))
+
+
+def test_report_tables_and_plots(tmp_path):
+  from qdc_jax.rl import report
+  def run(alg, maj1, rollouts):
+    curve = [{"round": i, "rollouts": r, "maj@1": m, "maj@4": m, "pass@4": m + 0.1,
+              "diversity/exact_all": 3.0, "diversity/trace_all": 2.0,
+              "diversity/exact_correct": 1.0, "diversity/trace_correct": 1.0}
+             for i, (r, m) in enumerate(zip(rollouts, maj1))]
+    return {"algorithm": alg, "k": 4, "curve": curve, "best": curve[-1],
+            "final": {"in_dist": {**curve[-1], "maj@1": maj1[-1] + 0.01}}}
+  for name, r in {"ei": run("ei", [0.1, 0.3], [0, 800]),
+                  "ppo": run("ppo", [0.1, 0.2, 0.25], [0, 64, 128])}.items():
+    (tmp_path / name).mkdir()
+    common.write_json(str(tmp_path / name / common.REPORT_FILE), r)
+  runs = report.load_runs([f"EI={tmp_path / 'ei'}", f"PPO={tmp_path / 'ppo'}"])
+  table = report.tables(runs)
+  assert "| EI | 0.310 | 0.300 | 0.400 | 3.000 | 2.000 | 1.000 | 800 |" in table
+  assert "| PPO | 0.260 | 0.250 | 0.350 |" in table
+  written = report.plots(runs, str(tmp_path))
+  assert sorted(os.path.basename(p) for p in written) == [
+      "diversity.png", "ei_iterations.png", "sample_complexity.png"]
+  assert all(os.path.getsize(p) > 1000 for p in written)
+  with pytest.raises(FileNotFoundError, match="did the run finish"):
+    report.load_runs([f"X={tmp_path / 'missing'}"])
