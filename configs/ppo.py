@@ -37,14 +37,14 @@ def get_config(arg: str = ""):
 
   c.ppo = ml_collections.ConfigDict()
   c.ppo.iterations = 40  # rollout batches (each followed by one PPO update)
-  c.ppo.questions_per_batch = 16  # questions per rollout batch
+  c.ppo.questions_per_batch = 8  # questions per rollout batch
   c.ppo.samples_per_question = 4  # N samples per question
   c.ppo.best_k = 4  # keep the best K of the N (K = N: keep all)
   c.ppo.temperature = 0.7  # exploration temperature (thesis: 0.7 from SFT, 0.2 prompted)
   c.ppo.max_new_tokens = 96  # completion budget while exploring (lab solutions: <= ~80)
   c.ppo.seq_bucket = 128  # rollout rows padded to a multiple of this (fewer compiles)
   c.ppo.epochs = 4  # PPO epochs over each rollout batch
-  c.ppo.minibatch_size = 16  # rows per gradient step; rollout rows must be a multiple
+  c.ppo.minibatch_size = 8  # rows per gradient step; rollout rows must be a multiple
   c.ppo.clip_eps = 0.2  # policy ratio clip
   c.ppo.value_clip = 0.2  # value clip
   c.ppo.vf_coef = 1.0  # value loss weight
