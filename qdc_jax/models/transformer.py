@@ -161,9 +161,13 @@ class Attention(nn.Module):
     wv = _param(self, "v", init, (d, k, h), ("embed", "kv_heads", "head_dim"), pdt)
     wo = _param(self, "o", nn.initializers.normal(stddev=(n * h) ** -0.5), (n, h, d),
                 ("heads", "head_dim", "embed"), pdt)
-    q = jnp.einsum("btd,dnh->btnh", x_BxTxD, wq.astype(dt))
-    kk = jnp.einsum("btd,dkh->btkh", x_BxTxD, wk.astype(dt))
-    v = jnp.einsum("btd,dkh->btkh", x_BxTxD, wv.astype(dt))
+    # 2-D matmuls on [B*T, D]: with 3-D einsums XLA:CPU transposes activation gradients in
+    # the backward pass (1.2-1.4x slower train steps; docs/benchmarks.md).
+    b0, t0 = x_BxTxD.shape[:2]
+    x2 = x_BxTxD.reshape(b0 * t0, d)
+    q = (x2 @ wq.astype(dt).reshape(d, n * h)).reshape(b0, t0, n, h)
+    kk = (x2 @ wk.astype(dt).reshape(d, k * h)).reshape(b0, t0, k, h)
+    v = (x2 @ wv.astype(dt).reshape(d, k * h)).reshape(b0, t0, k, h)
     if cfg.use_bias:
       zeros = nn.initializers.zeros
       q = q + _param(self, "q_bias", zeros, (n, h), ("heads", "head_dim"), pdt).astype(dt)
@@ -203,7 +207,7 @@ class Attention(nn.Module):
     probs = jax.nn.softmax(logits, axis=-1).astype(dt)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, values).reshape(b, t, n, h)
     out = nn.with_logical_constraint(out, ("act_batch", "act_len", "act_heads", None))
-    y = jnp.einsum("btnh,nhd->btd", out, wo.astype(dt))
+    y = (out.reshape(b * t, n * h) @ wo.astype(dt).reshape(n * h, d)).reshape(b, t, d)
     if cfg.use_bias:
       y = y + _param(self, "o_bias", nn.initializers.zeros, (d,), ("norm",), pdt).astype(dt)
     return y, new_cache
@@ -217,19 +221,22 @@ class Mlp(nn.Module):
     cfg = self.config
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     d, f = cfg.d_model, cfg.d_ff
+    b, t = x_BxTxD.shape[:2]
+    x_BxTxD = x_BxTxD.reshape(b * t, d)
     w_up = _param(self, "up", nn.initializers.normal(d ** -0.5), (d, f), ("embed", "mlp"), pdt)
-    hid = jnp.einsum("btd,df->btf", x_BxTxD, w_up.astype(dt))
+    hid = jnp.einsum("md,df->mf", x_BxTxD, w_up.astype(dt))
     if cfg.use_bias:
       hid = hid + _param(self, "up_bias", nn.initializers.zeros, (f,), ("mlp",), pdt).astype(dt)
     if cfg.mlp == "geglu":
       w_gate = _param(self, "gate", nn.initializers.normal(d ** -0.5), (d, f), ("embed", "mlp"),
                       pdt)
-      hid = jax.nn.gelu(jnp.einsum("btd,df->btf", x_BxTxD, w_gate.astype(dt))) * hid
+      hid = jax.nn.gelu(jnp.einsum("md,df->mf", x_BxTxD, w_gate.astype(dt))) * hid
     else:
       hid = jax.nn.gelu(hid)
-    hid = nn.with_logical_constraint(hid, ("act_batch", "act_len", "act_mlp"))
+    hid = nn.with_logical_constraint(hid.reshape(b, t, f), ("act_batch", "act_len", "act_mlp"))
+    hid = hid.reshape(b * t, f)
     w_down = _param(self, "down", nn.initializers.normal(f ** -0.5), (f, d), ("mlp", "embed"), pdt)
-    y = jnp.einsum("btf,fd->btd", hid, w_down.astype(dt))
+    y = jnp.einsum("mf,fd->md", hid, w_down.astype(dt)).reshape(b, t, d)
     if cfg.use_bias:
       y = y + _param(self, "down_bias", nn.initializers.zeros, (d,), ("norm",), pdt).astype(dt)
     return y
