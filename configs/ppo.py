@@ -61,9 +61,10 @@ def get_config(arg: str = ""):
   c.ppo.lora_alpha = 0.0  # LoRA alpha (<= 0: scale 1)
   c.ppo.log_every = 5  # console line every N iterations (every one goes to TensorBoard)
   c.ppo.save_every = 5  # checkpoint every N iterations (and at every evaluation)
+  c.ppo.stop_after_iteration = -1  # stop (resumable) after this iteration; -1 = run them all
 
   c.opt = ml_collections.ConfigDict(dict(
-      lr=1e-4,  # peak learning rate
+      lr=2e-5,  # peak learning rate (1e-4 collapsed the lab student within 6 batches)
       warmup_steps=10,  # optimiser steps of linear warmup
       final_lr_ratio=1.0,  # 1.0 = constant after warmup
       b1=0.9, b2=0.95, eps=1e-8,
@@ -94,16 +95,17 @@ def get_config(arg: str = ""):
     c.ppo.save_every = 10
     c.opt.lr = 1e-6
     c.opt.warmup_steps = 0
-    c.eval = common.eval_section(96)
-    c.eval.max_new_tokens = 300
+    c.eval = common.eval_section(96)  # as configs/ei.py:gemma, so the curves compare
+    c.eval.max_new_tokens = 512
+    c.eval.batch_size = 16
     c.eval.every = 25
     c.mesh = config_lib.mesh_section((1, -1, 1))  # FSDP over every chip
   elif arg == "smoke":
     c.task.train_size, c.task.val_size, c.task.test_size = 32, 8, 8
     c.ppo.iterations = 2
     c.ppo.questions_per_batch = 4
-    c.ppo.samples_per_question = 2
-    c.ppo.best_k = 2
+    c.ppo.samples_per_question = 4
+    c.ppo.best_k = 2  # best-K-of-N really selects
     c.ppo.minibatch_size = 4
     c.ppo.epochs = 2
     c.ppo.max_new_tokens = 48

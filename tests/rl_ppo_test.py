@@ -150,10 +150,9 @@ def test_forward_at_init_equals_the_plain_model(kw):
   ref = jnp.take_along_axis(jax.nn.log_softmax(logits), b["targets"][..., None], -1)[..., 0]
   np.testing.assert_allclose(out["logp"], ref, atol=1e-5)
   np.testing.assert_allclose(out["ref_logp"], ref, atol=1e-5)
-  np.testing.assert_array_equal(out["values"], 0.0)  # zero-initialised head
-  # Trainable holds no frozen block; frozen holds no value branch.
-  names = set(trainable.get("policy", trainable.get("lora", {})))
-  assert not names & {f"layer_{i}" for i in range(spec.frozen_layers)}
+  # Trainable holds exactly the blocks above the frozen bottom.
+  names = {k for k in trainable.get("policy", trainable.get("lora", {})) if k.startswith("layer")}
+  assert names == {f"layer_{i}" for i in range(spec.frozen_layers, cfg.num_layers)}
 
 
 def test_value_gradient_is_detached_from_the_policy():
@@ -173,7 +172,6 @@ def test_value_gradient_is_detached_from_the_policy():
   gv, gp = jax.jit(jax.grad(vloss))(trainable), jax.jit(jax.grad(ploss))(trainable)
   assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree_util.tree_leaves(gv["policy"]))
   assert max(float(jnp.abs(x).max()) for x in jax.tree_util.tree_leaves(gv["value"])) > 0
-  assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree_util.tree_leaves(gp["value"]))
   assert max(float(jnp.abs(x).max()) for x in jax.tree_util.tree_leaves(gp["policy"])) > 0
 
 
@@ -317,9 +315,10 @@ def test_ppo_experiment_runs_and_resumes_exactly(tmp_path):
   from qdc_jax.experiments import ppo as ppo_exp
   full = ppo_exp.run(_smoke_config(), str(tmp_path / "a"))
   # The same run stopped after iteration 1 and resumed to 2.
-  ppo_exp.run(_smoke_config(**{"ppo.iterations": 1}), str(tmp_path / "b"))
+  stopped = ppo_exp.run(_smoke_config(**{"ppo.stop_after_iteration": 1}), str(tmp_path / "b"))
+  assert stopped["stopped_at"] == 1
   resumed = ppo_exp.run(_smoke_config(), str(tmp_path / "b"))
-  assert [p["rollouts"] for p in full["curve"]] == [0, 2 * 4 * 2]  # iterations x questions x N
+  assert [p["rollouts"] for p in full["curve"]] == [0, 2 * 4 * 4]  # iterations x questions x N
   assert full["curve"] == [resumed["curve"][0], resumed["curve"][-1]]
   assert set(full["final"]) == {"in_dist", "ood"}
   with open(tmp_path / "a" / common.REPORT_FILE) as f:
@@ -328,26 +327,36 @@ def test_ppo_experiment_runs_and_resumes_exactly(tmp_path):
   # Bit-identical trainable state after the resume (same questions, keys and updates).
   a = _restore_state(tmp_path / "a")
   b = _restore_state(tmp_path / "b")
-  jax.tree.map(np.testing.assert_array_equal, a, b)
+  jax.tree.map(np.testing.assert_array_equal, a, b)  # params and Adam moments
+  assert a["host"] == b["host"]  # rollouts, KL coefficient, reward moments, curve, best
+  before = _initial_trainable()["policy"]["layer_3"]["mlp"]["up"]
+  assert not np.array_equal(a["trainable"]["policy"]["layer_3"]["mlp"]["up"], before)
   # Settings other than the number of iterations may not change under a workdir.
   with pytest.raises(ValueError, match="ppo.temperature"):
     ppo_exp.run(_smoke_config(**{"ppo.temperature": 0.5}), str(tmp_path / "b"))
 
 
-def _restore_state(workdir):
-  import os
-  from qdc_jax import checkpoint as ckpt_lib
+def _initial_trainable():
   from qdc_jax.experiments import ppo as ppo_exp
   cfg = _smoke_config()
   policy = common.load_policy(cfg.policy, mesh=None, rules=None)
   spec, _ = ppo_exp.make_spec_hyper(cfg, policy.model.config)
   tr, _ = ppo.split_params(nn.meta.unbox(policy.params), spec, jax.random.PRNGKey(cfg.seed))
+  return tr
+
+
+def _restore_state(workdir):
+  import os
+  from qdc_jax import checkpoint as ckpt_lib
+  cfg = _smoke_config()
+  tr = _initial_trainable()
   with ckpt_lib.Checkpointer(os.path.join(str(workdir), "checkpoints"), save_every=1) as c:
-    assert c.latest_step() == 2
     abstract = {"step": jnp.zeros((), jnp.int32), "trainable": tr,
                 "opt_state": _opt_state_like(cfg, tr), "nonfinite": jnp.zeros((), jnp.bool_)}
-    state, _ = c.restore(abstract)
-  return state["trainable"]
+    assert c.latest_step() == 2
+    state, extra = c.restore(abstract)
+  return {"trainable": state["trainable"], "opt_state": state["opt_state"],
+          "host": {k: v for k, v in extra["host"].items()}}
 
 
 def _opt_state_like(cfg, trainable):
@@ -411,3 +420,69 @@ def test_report_tables_and_plots(tmp_path):
   assert all(os.path.getsize(p) > 1000 for p in written)
   with pytest.raises(FileNotFoundError, match="did the run finish"):
     report.load_runs([f"X={tmp_path / 'missing'}"])
+
+
+@pytest.mark.parametrize("kw", SPECS + [dict(value_layers=3)])
+def test_values_read_the_branch_point_of_the_trunk(kw):
+  """At init the branch copies the policy's top blocks, so V = final_norm(h) . w + b."""
+  cfg, model, params = _tiny()
+  spec = ppo.Spec(cfg, **kw)
+  trainable, frozen = ppo.split_params(params, spec, jax.random.PRNGKey(1))
+  w = jax.random.normal(jax.random.PRNGKey(2), (cfg.d_model,))
+  trainable["value"]["head"] = {"w": w, "b": jnp.float32(0.5)}
+  b = _batch()
+  values = jax.jit(functools.partial(ppo.forward, spec=spec))(trainable, frozen, b)["values"]
+  hidden, _ = jax.jit(functools.partial(model.apply, return_hidden=True))(
+      {"params": params}, b["inputs"], b["positions"], b["segment_ids"])
+  np.testing.assert_allclose(values, hidden @ w + 0.5, rtol=1e-4, atol=1e-4)
+
+
+def test_trained_hydra_lora_policy_and_experience_wiring():
+  cfg, model, params = _tiny()
+  spec = ppo.Spec(cfg, value_layers=2, frozen_layers=1, lora_rank=4)
+  hyper = ppo.Hyper(minibatch_size=2, epochs=2, whiten_advantages=False, gamma=1.0, lam=1.0)
+  trainable, frozen = ppo.split_params(params, spec, jax.random.PRNGKey(1))
+  tx = optax.adam(3e-2)
+  state = ppo.init_state(trainable, tx)
+  experience = jax.jit(functools.partial(ppo.make_experience, spec=spec, hyper=hyper))
+  update = jax.jit(functools.partial(ppo.ppo_update, spec=spec, hyper=hyper, tx=tx))
+  b = _batch()
+  scores = jnp.array([1.0, 0.0, 1.0, 0.5])
+  for i in range(2):
+    exp, _ = experience(state["trainable"], frozen, b, scores, None, 0.1)
+    state, _ = update(state, frozen, exp, jax.random.PRNGKey(i))
+  # The trained policy's forward == the plain model on the merged parameters.
+  out = jax.jit(functools.partial(ppo.forward, spec=spec, with_reference=True))(
+      state["trainable"], frozen, b)
+  merged = ppo.policy_params(state["trainable"], frozen, spec)
+  logits, _ = jax.jit(model.apply)({"params": merged}, b["inputs"], b["positions"],
+                                   b["segment_ids"])
+  ref = jnp.take_along_axis(jax.nn.log_softmax(logits), b["targets"][..., None], -1)[..., 0]
+  np.testing.assert_allclose(out["logp"], ref, atol=1e-5)
+  mask = np.asarray(b["action_mask"])
+  kl = (np.asarray(out["logp"]) - np.asarray(out["ref_logp"])) * mask
+  assert np.abs(kl).max() > 1e-4  # the policy moved away from the reference
+  # gamma = lambda = 1, no whitening: the return at the first action is the score minus
+  # kl_coef x the summed per-token KL of the row.
+  exp, stats = experience(state["trainable"], frozen, b, scores, None, 0.1)
+  first = mask.argmax(axis=1)
+  got = np.asarray(exp["returns"])[np.arange(4), first]
+  np.testing.assert_allclose(got, np.asarray(scores) - 0.1 * kl.sum(axis=1), rtol=1e-4,
+                             atol=1e-5)
+  assert float(stats["kl"]) == pytest.approx(kl.sum(axis=1).mean(), rel=1e-4, abs=1e-6)
+
+
+def test_nonfinite_update_is_skipped_and_sticky():
+  cfg, _, params = _tiny(2)
+  spec = ppo.Spec(cfg)
+  hyper = ppo.Hyper(minibatch_size=2, epochs=1)
+  trainable, frozen = ppo.split_params(params, spec, jax.random.PRNGKey(1))
+  tx = optax.adam(1e-2)
+  state = ppo.init_state(trainable, tx)
+  before = jax.tree.map(np.array, state["trainable"])
+  exp, _ = jax.jit(functools.partial(ppo.make_experience, spec=spec, hyper=hyper))(
+      trainable, frozen, _batch(), jnp.array([1.0, jnp.nan, 0.0, 1.0]), None, 0.05)
+  state, _ = jax.jit(functools.partial(ppo.ppo_update, spec=spec, hyper=hyper, tx=tx))(
+      state, frozen, exp, jax.random.PRNGKey(0))
+  assert bool(state["nonfinite"])
+  jax.tree.map(np.testing.assert_array_equal, state["trainable"], before)

@@ -99,15 +99,22 @@ def run(config, workdir: str) -> dict:
   if rows % pc.minibatch_size:
     raise ValueError(f"rollout rows questions_per_batch x best_k = {rows} must be a multiple of "
                      f"ppo.minibatch_size={pc.minibatch_size}")
-  common.check_settings(workdir, config.to_dict(),
-                        may_change=("ppo.iterations", "eval", "mesh", "ppo.save_every"))
   mesh, rules = config_lib.make_mesh(config.mesh)
+  data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if rows % data_shards:
+    raise ValueError(f"rollout rows questions_per_batch x best_k = {rows} must be a multiple of "
+                     f"the data x fsdp mesh axes ({data_shards} devices)")
   task = common.load_task(config.task)
   policy = common.load_policy(config.policy, mesh=mesh, rules=rules)
   tok = policy.tokenizer
   cfg = policy.model.config
   spec, hyper = make_spec_hyper(config, cfg)
   reward_fn = make_reward(config.reward)
+  # Recorded only once the inputs load, so a mistyped path does not pin the workdir. The
+  # number of iterations sets the schedule, so only stop_after_iteration may change.
+  common.check_settings(workdir, config.to_dict(),
+                        may_change=("mesh", "ppo.save_every", "ppo.log_every",
+                                    "ppo.stop_after_iteration"))
   total_updates = pc.iterations * pc.epochs * (rows // pc.minibatch_size)
   opt = ml_collections.ConfigDict(config.opt.to_dict())
   opt.total_steps = total_updates
@@ -121,6 +128,7 @@ def run(config, workdir: str) -> dict:
   place = lambda x: x if getattr(x.sharding, "mesh", None) == mesh else jax.device_put(x, rep)
   trainable, frozen = jax.tree.map(place, trainable), jax.tree.map(place, frozen)
   state = jax.tree.map(place, ppo.init_state(trainable, tx))
+  policy.params = None  # `frozen` + `trainable` hold the model now
   sizes = ppo.param_bytes(trainable, frozen, state["opt_state"], spec)
   logging.info("PPO state bytes: %s (naive layout %s, ratio %.3f)", sizes["held"],
                sizes["naive"], sizes["ratio"])
@@ -146,11 +154,18 @@ def run(config, workdir: str) -> dict:
   sample_fn = sampling.jit_sample(policy.model, sp, mesh, rules, policy.shardings)
   assemble = jax.jit(functools.partial(ppo.policy_params, spec=spec),
                      out_shardings=policy.shardings)
-  experience_fn = jax.jit(functools.partial(ppo.make_experience, spec=spec, hyper=hyper))
-  update_fn = jax.jit(functools.partial(ppo.ppo_update, spec=spec, hyper=hyper, tx=tx),
-                      donate_argnums=(0,))
+  experience_jit = jax.jit(functools.partial(ppo.make_experience, spec=spec, hyper=hyper))
+  update_jit = jax.jit(functools.partial(ppo.ppo_update, spec=spec, hyper=hyper, tx=tx),
+                       donate_argnums=(0,))
+
+  def experience_fn(*args):
+    with sharding_lib.activation_rules(mesh, rules):
+      return experience_jit(*args)
+
+  def update_fn(*args):
+    with sharding_lib.activation_rules(mesh, rules):
+      return update_jit(*args)
   ec = config.eval
-  data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
   log = metrics_log.MetricLogger(workdir, name="ppo", total_steps=pc.iterations,
                                  start_step=host["iteration"], unit="iterations")
 
@@ -169,7 +184,9 @@ def run(config, workdir: str) -> dict:
     if not host["curve"]:
       evaluate_now(assemble(state["trainable"], frozen), 0)
     rng = jax.random.PRNGKey(config.seed)
-    for it in range(host["iteration"], pc.iterations):
+    end = pc.iterations if pc.stop_after_iteration < 0 else min(pc.iterations,
+                                                                 pc.stop_after_iteration)
+    for it in range(host["iteration"], end):
       t0 = time.perf_counter()
       pick = np.random.default_rng([config.seed, it]).choice(
           len(task.train), pc.questions_per_batch, replace=False)
@@ -177,6 +194,7 @@ def run(config, workdir: str) -> dict:
                                         multiple=p_len, min_rows=data_shards)
       params = assemble(state["trainable"], frozen)
       out = jax.device_get(sample_fn(params, toks, lens, jax.random.fold_in(rng, it)))
+      del params
       responses = [list(out.tokens[r, :max(int(out.lengths[r]), 1)])
                    for r in range(len(pick) * pc.samples_per_question)]
       texts = [tok.decode(r) for r in responses]
@@ -225,11 +243,15 @@ def run(config, workdir: str) -> dict:
       is_eval = (it + 1) % ec.every == 0 or it + 1 == pc.iterations
       if is_eval:
         evaluate_now(assemble(state["trainable"], frozen), it + 1)
-      if is_eval or (it + 1) % pc.save_every == 0:
+      if is_eval or (it + 1) % pc.save_every == 0 or it + 1 == end:
         ckpt.maybe_save(it + 1, state, {"host": host}, force=True)
   finally:
     ckpt.close()
     log.close()
+  if host["iteration"] < pc.iterations:
+    logging.info("Stopped after iteration %d of %d; re-run on %s to continue.",
+                 host["iteration"], pc.iterations, workdir)
+    return {"algorithm": "ppo", "curve": host["curve"], "stopped_at": host["iteration"]}
 
   best = common.load_policy(os.path.join(workdir, "model"), mesh=mesh, rules=rules)
   final = {}

@@ -42,6 +42,8 @@ def run(config, workdir: str) -> dict:
     raise ValueError(f"No training question of task {config.task.name!r} has a reference "
                      f"solution; SFT needs them")
   policy = common.load_policy(config.init_from, mesh=mesh, rules=rules)
+  # Recorded once the inputs load; a resume with other settings is refused.
+  common.check_settings(workdir, config.to_dict(), may_change=("mesh", "train.stop_at_step"))
   tc = common.resolve_train(config.train, len(records))
   ec = config.eval
   logging.info("SFT: %d records, %d steps of batch %d; val %d, test %s", len(records),

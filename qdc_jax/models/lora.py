@@ -13,7 +13,7 @@ the base tree is never written, so a frozen base doubles as PPO's reference poli
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable
 
 import flax.linen as nn
 import jax
@@ -24,13 +24,8 @@ TARGETS = {("attn", "q"): 1, ("attn", "k"): 1, ("attn", "v"): 1, ("attn", "o"): 
            ("mlp", "up"): 1, ("mlp", "gate"): 1, ("mlp", "down"): 1}
 
 
-def init(rng: jax.Array, base: dict, rank: int, layers: Iterable[int], *,
-         names: Optional[dict] = None) -> dict:
-  """LoRA tree for blocks `layers` of `base` (an unboxed Transformer parameter tree).
-
-  With `names` (the logical axis names of `base`, same structure), the leaves come back as
-  `nn.LogicallyPartitioned`, so `qdc_jax.sharding` places them like their base weight.
-  """
+def init(rng: jax.Array, base: dict, rank: int, layers: Iterable[int]) -> dict:
+  """LoRA tree (float32) for blocks `layers` of `base` (an unboxed Transformer param tree)."""
   if rank < 1:
     raise ValueError(f"LoRA rank must be >= 1, got {rank}")
   out: dict = {}
@@ -45,12 +40,9 @@ def init(rng: jax.Array, base: dict, rank: int, layers: Iterable[int], *,
       w = base[name][module][weight]
       in_shape, out_shape = w.shape[:n_in], w.shape[n_in:]
       rng, key = jax.random.split(rng)
-      a = jax.random.normal(key, in_shape + (rank,), w.dtype) / math.sqrt(math.prod(in_shape))
-      b = jnp.zeros((rank,) + out_shape, w.dtype)
-      if names is not None:
-        wn = tuple(names[name][module][weight])
-        a = nn.LogicallyPartitioned(a, wn[:n_in] + (None,))
-        b = nn.LogicallyPartitioned(b, (None,) + wn[n_in:])
+      a = jax.random.normal(key, in_shape + (rank,), jnp.float32) / math.sqrt(
+          math.prod(in_shape))
+      b = jnp.zeros((rank,) + out_shape, jnp.float32)
       out.setdefault(name, {}).setdefault(module, {})[weight] = {"a": a, "b": b}
   return out
 

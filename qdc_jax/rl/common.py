@@ -86,6 +86,9 @@ def load_task(c: ml_collections.ConfigDict) -> Task:
                  if e.solution else "") for e in math_tasks.load(c.name, path)]
 
   train = items(c.train_path)
+  if not c.val_path and c.val_size <= 0:
+    raise ValueError("task.val_size must be > 0 when no task.val_path is given: validation "
+                     "questions are held out of the train file")
   if c.val_path:
     val = items(c.val_path)[:c.val_size or None]
   else:

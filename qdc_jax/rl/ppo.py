@@ -23,9 +23,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Optional
+from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,8 +92,7 @@ class Hyper:
 # Parameters.
 
 
-def split_params(policy_params: dict, spec: Spec, rng: jax.Array, *,
-                 names: Optional[dict] = None) -> tuple[dict, dict]:
+def split_params(policy_params: dict, spec: Spec, rng: jax.Array) -> tuple[dict, dict]:
   """(trainable, frozen) from an (unboxed) policy parameter tree; see the module docstring.
 
   Every returned leaf is a fresh buffer: the caller's tree is never aliased (the update
@@ -112,11 +110,12 @@ def split_params(policy_params: dict, spec: Spec, rng: jax.Array, *,
                                                 spec.config.num_layers)
   trainable: dict = {"value": value}
   if spec.lora_rank:
-    trainable["lora"] = nn.meta.unbox(lora_lib.init(
-        rng, policy_params, spec.lora_rank, range(spec.frozen_layers, spec.config.num_layers),
-        names=None))
+    trainable["lora"] = lora_lib.init(rng, policy_params, spec.lora_rank,
+                                      range(spec.frozen_layers, spec.config.num_layers))
   else:
     trainable["policy"] = copy(top)
+  # Updates of lr ~1e-6 vanish below bf16 resolution: train in f32 whatever the base dtype.
+  trainable = jax.tree.map(lambda x: x.astype(jnp.float32), trainable)
   return trainable, {"bottom": copy(bottom), "top": copy(top)}
 
 
@@ -125,7 +124,8 @@ def policy_params(trainable: dict, frozen: dict, spec: Spec) -> dict:
   if spec.lora_rank:
     top = lora_lib.merge(frozen["top"], trainable["lora"], spec.lora_scale)
   else:
-    top = trainable["policy"]
+    top = jax.tree.map(lambda t, base: t.astype(base.dtype), trainable["policy"],
+                       frozen["top"])
   return {**frozen["bottom"], **top}
 
 
@@ -151,9 +151,11 @@ def param_bytes(trainable: dict, frozen: dict, opt_state: Any, spec: Spec) -> di
 
 
 def _token_logp(logits_BxTxV, targets_BxT):
-  logp = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
-  chosen = jnp.take_along_axis(logp, targets_BxT[..., None], axis=-1)[..., 0]
-  entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+  logits = logits_BxTxV.astype(jnp.float32)
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  chosen = jnp.take_along_axis(logits, targets_BxT[..., None], axis=-1)[..., 0] - lse
+  probs = jax.nn.softmax(logits, axis=-1)
+  entropy = lse - jnp.sum(probs * logits, axis=-1)
   return chosen, entropy
 
 
@@ -271,8 +273,19 @@ def token_rewards(scores_R, last_index_R, kl_RxT, mask_RxT, kl_coef, dense_RxT=N
 
 def make_experience(trainable, frozen, batch, scores_R, dense_RxT, kl_coef, *, spec: Spec,
                     hyper: Hyper):
-  """Old log-probs, values, reference log-probs, rewards, GAE advantages and returns."""
-  out = forward(trainable, frozen, batch, spec, with_reference=True)
+  """Old log-probs, values, reference log-probs, rewards, GAE advantages and returns.
+
+  The forward passes run minibatch by minibatch (`lax.map`), so activations and [rows, T, V]
+  logits never exist for the whole rollout batch at once.
+  """
+  rows, m = batch["inputs"].shape[0], hyper.minibatch_size
+  if rows % m:
+    raise ValueError(f"rollout rows {rows} is not a multiple of minibatch_size {m}")
+  keys = ("inputs", "targets", "positions", "segment_ids")
+  chunks = {k: batch[k].reshape((rows // m, m) + batch[k].shape[1:]) for k in keys}
+  out = jax.lax.map(
+      lambda c: forward(trainable, frozen, c, spec, with_reference=True), chunks)
+  out = jax.tree.map(lambda x: x.reshape((rows,) + x.shape[2:]), out)
   mask = batch["action_mask"].astype(jnp.float32)
   kl = (out["logp"] - out["ref_logp"]) * mask
   rewards = token_rewards(scores_R, batch["last_index"], kl, mask, kl_coef, dense_RxT)
