@@ -17,6 +17,7 @@ from (seed, i), so a killed run redoes the iterations after its last checkpoint 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import time
 
@@ -57,6 +58,18 @@ def put_global(batch: dict, mesh, rules) -> dict:
     sh = sharding_lib.batch_sharding(mesh, rules, np.ndim(v))
     out[k] = jax.make_array_from_callback(v.shape, sh, lambda idx, v=v: v[idx])
   return out
+
+
+@functools.lru_cache(maxsize=8)
+def jitted_steps(spec: ppo.Spec, hyper: ppo.Hyper, opt_json: str):
+  """(optimizer, jitted make_experience, jitted ppo_update), cached per settings, so runs in
+  one process (a sweep, a notebook, a resumed run) compile them once."""
+  opt = ml_collections.ConfigDict(json.loads(opt_json))
+  tx = optim.make_optimizer(opt)
+  experience = jax.jit(functools.partial(ppo.make_experience, spec=spec, hyper=hyper))
+  update = jax.jit(functools.partial(ppo.ppo_update, spec=spec, hyper=hyper, tx=tx),
+                   donate_argnums=(0,))
+  return tx, experience, update
 
 
 def make_spec_hyper(config, model_config):
@@ -116,9 +129,8 @@ def run(config, workdir: str) -> dict:
                         may_change=("mesh", "ppo.save_every", "ppo.log_every",
                                     "ppo.stop_after_iteration"))
   total_updates = pc.iterations * pc.epochs * (rows // pc.minibatch_size)
-  opt = ml_collections.ConfigDict(config.opt.to_dict())
-  opt.total_steps = total_updates
-  tx = optim.make_optimizer(opt)
+  opt_key = json.dumps({**config.opt.to_dict(), "total_steps": total_updates}, sort_keys=True)
+  tx, experience_jit, update_jit = jitted_steps(spec, hyper, opt_key)
 
   trainable, frozen = ppo.split_params(nn.meta.unbox(policy.params), spec,
                                        jax.random.PRNGKey(config.seed))
@@ -154,10 +166,6 @@ def run(config, workdir: str) -> dict:
   sample_fn = sampling.jit_sample(policy.model, sp, mesh, rules, policy.shardings)
   assemble = jax.jit(functools.partial(ppo.policy_params, spec=spec),
                      out_shardings=policy.shardings)
-  experience_jit = jax.jit(functools.partial(ppo.make_experience, spec=spec, hyper=hyper))
-  update_jit = jax.jit(functools.partial(ppo.ppo_update, spec=spec, hyper=hyper, tx=tx),
-                       donate_argnums=(0,))
-
   def experience_fn(*args):
     with sharding_lib.activation_rules(mesh, rules):
       return experience_jit(*args)
