@@ -394,7 +394,7 @@ def test_report_tables_and_plots(tmp_path):
     common.write_json(str(tmp_path / name / common.REPORT_FILE), r)
   runs = report.load_runs([f"EI={tmp_path / 'ei'}", f"PPO={tmp_path / 'ppo'}"])
   table = report.tables(runs)
-  assert "| EI | 0.310 | 0.300 | 0.400 | 3.000 | 2.000 | 1.000 | 800 |" in table
+  assert "| EI | 0.310 | 0.300 | 0.400 | 3.000 | 2.000 | 1.000 | 800 | 800 |" in table
   assert "| PPO | 0.260 | 0.250 | 0.350 |" in table
   written = report.plots(runs, str(tmp_path))
   assert sorted(os.path.basename(p) for p in written) == [

@@ -53,20 +53,22 @@ def tables(runs: list[tuple[str, dict]]) -> str:
     k = ks[-1]
     out.append(f"### Test split `{split}`\n")
     out.append(f"| model | maj@1 | maj@{k} | pass@{k} | exact div. | trace div. | "
-               f"trace div. (correct) | rollouts |")
-    out.append("|---|---|---|---|---|---|---|---|")
+               f"trace div. (correct) | rollouts spent | model chosen at |")
+    out.append("|---|---|---|---|---|---|---|---|---|")
     for name, r in runs:
       m = r.get("final", {}).get(split)
       if m is None:
         continue
-      rollouts = r["curve"][-1]["rollouts"] if r.get("curve") else 0
-      if r.get("best"):
-        rollouts = r["best"]["rollouts"]
+      spent = max((p["rollouts"] for p in r.get("curve", [])), default=0)
+      best = r.get("best")
+      if best is None and r.get("notes", {}).get("best_round") is not None:
+        best = next((p for p in r["curve"] if p["round"] == r["notes"]["best_round"]), None)
+      chosen = f"{best['rollouts']:,}" if best else "-"
       rk = r["k"]
       out.append(f"| {name} | {_fmt(m.get('maj@1'))} | {_fmt(m.get(f'maj@{rk}'))} | "
                  f"{_fmt(m.get(f'pass@{rk}'))} | {_fmt(m.get('diversity/exact_all'))} | "
                  f"{_fmt(m.get('diversity/trace_all'))} | "
-                 f"{_fmt(m.get('diversity/trace_correct'))} | {rollouts:,} |")
+                 f"{_fmt(m.get('diversity/trace_correct'))} | {spent:,} | {chosen} |")
     out.append("")
   return "\n".join(out)
 
@@ -124,14 +126,14 @@ def plots(runs: list[tuple[str, dict]], out_dir: str) -> list[str]:
     for j, kind in enumerate(("exact", "trace")):
       vals = []
       for _, r in runs:
-        last = r["curve"][-1] if r.get("curve") else {}
-        best = r.get("best") or last
-        vals.append(best.get(f"diversity/{kind}_{subset}") or 0.0)
+        last = r["curve"][-1] if r.get("curve") else {}  # the policy at the end of the run
+        vals.append(last.get(f"diversity/{kind}_{subset}") or 0.0)
       xs = [i + (j - 0.5) * width for i in range(len(runs))]
       ax.bar(xs, vals, width, label=f"{kind}")
     ax.set_xticks(range(len(runs)))
     ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
-    ax.set_title(f"distinct solutions per question ({subset} samples)")
+    ax.set_title(f"distinct solutions / question ({subset} samples; val, end of run)",
+                 fontsize=9)
     ax.grid(alpha=0.3, axis="y")
     ax.legend()
   fig.tight_layout()
