@@ -56,6 +56,7 @@ def get_config(arg: str = ""):
   c.ei.patience = 1  # stop after this many rounds without a val maj@1 gain ...
   c.ei.min_gain = 0.0  # ... larger than this over the best so far
   c.ei.stop_after_round = -1  # stop (resumable) after finishing this round; -1 = off
+  c.ei.prune_checkpoints = True  # keep fit checkpoints of the latest and best rounds only
 
   # The SFT hyper-parameters: each round refits the base on D_i with them.
   c.train = common.sft_train_section(preset)

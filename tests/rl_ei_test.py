@@ -261,6 +261,7 @@ def test_ei_smoke_end_to_end(ei_run):
   assert history[best] == max(history) and best == history.index(max(history))
   meta = json.loads((ei_run / "model" / "model.json").read_text())
   assert meta["notes"]["round"] == best
+  assert (ei_run / "round_2" / "checkpoints").exists()
   # Each round logged once, with its rollouts.
   log = _jsonl(ei_run / "ei_metrics.jsonl")
   assert [r["step"] for r in log] == rounds
@@ -321,3 +322,13 @@ def test_sft_smoke_end_to_end(env, tmp_path):
   diffs = [float(np.abs(np.asarray(a) - np.asarray(b)).max())
            for a, b in zip(jax.tree.leaves(tuned), jax.tree.leaves(base))]
   assert max(diffs) > 0
+
+
+def test_prune_keeps_the_two_latest_and_the_best_rounds(tmp_path):
+  done = {j: {"val": {"maj@1": v}} for j, v in enumerate([0.1, 0.2, 0.5, 0.3, 0.4, 0.45])}
+  for j in range(1, 6):
+    (tmp_path / f"round_{j}" / "checkpoints" / "7").mkdir(parents=True)
+  ei_exp._prune(str(tmp_path), done)
+  kept = sorted(j for j in range(1, 6) if (tmp_path / f"round_{j}" / "checkpoints").exists())
+  assert kept == [2, 4, 5]  # best (2) and the two latest (4, 5)
+  assert all((tmp_path / f"round_{j}").exists() for j in range(1, 6))  # data stays

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from typing import Optional
 
@@ -48,7 +49,8 @@ TIMING_FILE = "ei_timing.json"
 CURVE_PNG = "ei_curve.png"
 # Knobs that decide only how many rounds run (each round's content does not depend on them),
 # or only logging / checkpoint cadence: they may change on a resume.
-_NOT_FINGERPRINTED = {"ei": ("rounds", "patience", "min_gain", "stop_after_round", "variant"),
+_NOT_FINGERPRINTED = {"ei": ("rounds", "patience", "min_gain", "stop_after_round", "variant",
+                             "prune_checkpoints"),
                       "train": ("stop_at_step", "log_every", "save_every", "keep",
                                 "async_checkpoint")}
 
@@ -163,6 +165,20 @@ def _round_params(workdir: str, i: int, done: dict, *, config, base: common.Poli
   params, _ = fit.load_params(_round_dir(workdir, i), model=base.model, tc=tc, mesh=mesh,
                               rules=rules)
   return params
+
+
+def _prune(workdir: str, done: dict) -> None:
+  """Delete the fit checkpoints of finished rounds other than the two latest (the running
+  round samples with the latest; a kill before the next round's done.json needs the one
+  before) and the best so far (exported at the end): at Gemma scale each holds the model
+  and its Adam state."""
+  if jax.process_index() != 0:
+    return
+  rounds = sorted(done)
+  best = rounds[ei_lib.best_round([done[j]["val"]["maj@1"] for j in rounds])]
+  for j in rounds[1:-2]:
+    if j != best:
+      shutil.rmtree(os.path.join(_round_dir(workdir, j), "checkpoints"), ignore_errors=True)
 
 
 def plot_curve(curve: list[dict], k_eval: int, path: str, title: str) -> None:
@@ -336,6 +352,8 @@ def run(config, workdir: str) -> dict:
              "dataset_size": len(dataset), "steps": steps, "seconds": seconds}
       finish_round(i, rec)
       done[i] = rec
+      if c.prune_checkpoints:
+        _prune(workdir, done)
   finally:
     log.close()
 
