@@ -276,7 +276,8 @@ def make_experience(trainable, frozen, batch, scores_R, dense_RxT, kl_coef, *, s
   """Old log-probs, values, reference log-probs, rewards, GAE advantages and returns.
 
   The forward passes run minibatch by minibatch (`lax.map`), so activations and [rows, T, V]
-  logits never exist for the whole rollout batch at once.
+  logits never exist for the whole rollout batch at once. Log-probs (ratios, KL) are those
+  of the model at temperature 1 even when rollouts were sampled at T < 1, as in trlX.
   """
   rows, m = batch["inputs"].shape[0], hyper.minibatch_size
   if rows % m:

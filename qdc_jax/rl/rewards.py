@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -160,7 +161,7 @@ def load_reward_model(directory: str, **kwargs) -> RewardModelReward:
     raise ValueError(f"{directory}/model.json is not a reward model (kind "
                      f"{meta.get('kind')!r}); write one with rewards.save_reward_model")
   model = heads.RewardModel(cfg)
-  abstract = jax.eval_shape(lambda: __import__("flax").linen.meta.unbox(
+  abstract = jax.eval_shape(lambda: nn.meta.unbox(
       model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]))
   with ckpt_lib.Checkpointer(os.path.join(directory, "params"), save_every=1) as c:
     params, _ = c.restore(abstract)
