@@ -78,6 +78,25 @@ def choose_tokens(logits_BxV: jax.Array, rng: jax.Array, sp: SamplingParams) -> 
   return jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
 
 
+def prefill(params, prompts_BxP: jax.Array, prompt_lengths_B: jax.Array, *,
+            model: transformer.Transformer, num_samples: int, cache_len: int):
+  """Run the prompts once into a fresh cache of `cache_len` slots and copy it to the K sample
+  rows. Returns (next-token logits [B*K, V], cache, first decode position [B*K])."""
+  cfg = model.config
+  b, p = prompts_BxP.shape
+  cache = transformer.init_cache(cfg, b, cache_len)
+  cache = nn.with_logical_constraint(cache, transformer.cache_logical_axes(cfg))
+  positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32)[None], (b, p))
+  logits, cache = model.apply({"params": params}, prompts_BxP, positions, cache=cache,
+                              logits_index_B=prompt_lengths_B - 1)
+  last = logits[:, 0]
+  if num_samples > 1:
+    cache = jax.tree.map(lambda x: jnp.repeat(x, num_samples, axis=0), cache)
+    last = jnp.repeat(last, num_samples, axis=0)
+  cache = nn.with_logical_constraint(cache, transformer.cache_logical_axes(cfg))
+  return last, cache, jnp.repeat(prompt_lengths_B.astype(jnp.int32), num_samples)
+
+
 def sample(params, prompts_BxP: jax.Array, prompt_lengths_B: jax.Array, rng: jax.Array, *,
            model: transformer.Transformer, sp: SamplingParams) -> SampleOutput:
   """Pure sampling function; jit it with `jit_sample` (or `jax.jit` + static config)."""
@@ -87,18 +106,8 @@ def sample(params, prompts_BxP: jax.Array, prompt_lengths_B: jax.Array, rng: jax
   if cfg.position == "learned" and p + n > cfg.max_len:
     raise ValueError(f"Prompt length {p} + max_new_tokens {n} exceeds the learned position "
                      f"table ({cfg.max_len} rows); shorten one of them.")
-  cache = transformer.init_cache(cfg, b, p + n)
-  cache = nn.with_logical_constraint(cache, transformer.cache_logical_axes(cfg))
-  positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32)[None], (b, p))
-  logits, cache = model.apply({"params": params}, prompts_BxP, positions, cache=cache,
-                              logits_index_B=prompt_lengths_B - 1)
-  last = logits[:, 0]
-  # Prefill once per prompt, then copy its cache to the K sample rows.
-  if k > 1:
-    cache = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), cache)
-    last = jnp.repeat(last, k, axis=0)
-  cache = nn.with_logical_constraint(cache, transformer.cache_logical_axes(cfg))
-  start = jnp.repeat(prompt_lengths_B.astype(jnp.int32), k)
+  last, cache, start = prefill(params, prompts_BxP, prompt_lengths_B, model=model,
+                               num_samples=k, cache_len=p + n)
   rows = b * k
 
   def cond(carry):

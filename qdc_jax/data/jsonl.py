@@ -1,8 +1,38 @@
-"""(prompt, completion) records from JSONL files, with errors that name file, line and field."""
+"""JSONL files: (prompt, completion) records with errors that name file, line and field, and
+atomic writes of any rows (a kill leaves the old file or the whole new one, never half)."""
 
 from __future__ import annotations
 
 import json
+import os
+from typing import Any, Iterable, Optional
+
+import jax
+
+
+def write_atomic(path: str, text: str) -> None:
+  """Write `text` to `path` through a fsynced temp file and a rename (process 0 only)."""
+  if jax.process_index() != 0:
+    return
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def write_rows(path: str, rows: Iterable[Any]) -> None:
+  """One JSON value per line, atomically."""
+  write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def read_rows(path: str) -> Optional[list]:
+  """The rows of a JSONL file; None when it does not exist."""
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
 
 
 def read_records(path: str, prompt_key: str = "prompt",

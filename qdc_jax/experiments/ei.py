@@ -29,7 +29,6 @@ import json
 import os
 import shutil
 import time
-from typing import Optional
 
 import jax
 import matplotlib
@@ -41,6 +40,7 @@ from qdc_jax import config_lib  # pylint: disable=wrong-import-position
 from qdc_jax import fit  # pylint: disable=wrong-import-position
 from qdc_jax import metrics_log  # pylint: disable=wrong-import-position
 from qdc_jax import sampling  # pylint: disable=wrong-import-position
+from qdc_jax.data import jsonl  # pylint: disable=wrong-import-position
 from qdc_jax.rl import common  # pylint: disable=wrong-import-position
 from qdc_jax.rl import ei as ei_lib  # pylint: disable=wrong-import-position
 
@@ -90,31 +90,9 @@ def check_config(config) -> None:
     raise ValueError("Set --config.base to the model directory every EI round fine-tunes "
                      "(thesis: the pretrained model; a qdc_jax.model_io directory, or "
                      "'asset:lab_student')")
-  if config.task.name != "lab" and not config.task.train_path:
-    raise ValueError(f"task.name={config.task.name!r} needs --config.task.train_path (a "
-                     f"JSONL/Parquet file of {config.task.name} questions with answers)")
+  common.check_task(config.task)
   if config.ei.k < 1 or config.ei.rounds < 0:
     raise ValueError(f"ei.k={config.ei.k} must be >= 1 and ei.rounds={config.ei.rounds} >= 0")
-
-
-def _write_jsonl(path: str, rows) -> None:
-  """Atomic: a kill leaves the old file or the whole new one."""
-  if jax.process_index() != 0:
-    return
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    for r in rows:
-      f.write(json.dumps(r) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
-def _read_jsonl(path: str) -> Optional[list]:
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
 
 
 def _round_dir(workdir: str, i: int) -> str:
@@ -299,13 +277,13 @@ def run(config, workdir: str) -> dict:
       # 1. Rollouts (reused when an earlier process saved them).
       t0 = time.time()
       samples_path = os.path.join(rdir, "samples.jsonl")
-      rows = _read_jsonl(samples_path)
+      rows = jsonl.read_rows(samples_path)
       if rows is None:
         samples = rollouts(params, task, policy=base, c=c, round_index=i, mesh=mesh,
                            rules=rules)
         rows = [{"prompt": it.prompt, "answer": it.answer, "samples": s}
                 for it, s in zip(task.train, samples)]
-        _write_jsonl(samples_path, rows)
+        jsonl.write_rows(samples_path, rows)
         seconds["sample"] = time.time() - t0
       if [r["prompt"] for r in rows] != prompts or any(len(r["samples"]) != c.k for r in rows):
         raise ValueError(f"{samples_path} does not match this task's train questions x "
@@ -314,12 +292,13 @@ def run(config, workdir: str) -> dict:
       flags = ei_lib.correct_flags([it.answer for it in task.train],
                                    [r["samples"] for r in rows], keep=c.keep)
       new = ei_lib.correct_records(prompts, [r["samples"] for r in rows], flags)
-      previous = _read_jsonl(os.path.join(_round_dir(workdir, i - 1), "dataset.jsonl")) or []
+      previous = jsonl.read_rows(
+          os.path.join(_round_dir(workdir, i - 1), "dataset.jsonl")) or []
       dataset = ei_lib.union(previous, new)
       data_path = os.path.join(rdir, "dataset.jsonl")
-      saved = _read_jsonl(data_path)
+      saved = jsonl.read_rows(data_path)
       if saved is None:
-        _write_jsonl(data_path, dataset)
+        jsonl.write_rows(data_path, dataset)
       elif saved != dataset:
         raise ValueError(f"{data_path} differs from D_{i} rebuilt from its samples; the "
                          f"round directory is corrupt: delete {rdir} to redo the round")

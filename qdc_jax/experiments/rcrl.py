@@ -37,6 +37,7 @@ from qdc_jax import fit  # pylint: disable=wrong-import-position
 from qdc_jax import sampling  # pylint: disable=wrong-import-position
 from qdc_jax.data import answers  # pylint: disable=wrong-import-position
 from qdc_jax.eval import metrics  # pylint: disable=wrong-import-position
+from qdc_jax.data import jsonl  # pylint: disable=wrong-import-position
 from qdc_jax.rl import common  # pylint: disable=wrong-import-position
 from qdc_jax.rl import rcrl  # pylint: disable=wrong-import-position
 
@@ -81,24 +82,6 @@ def check_settings(config, workdir: str, record: bool = False) -> None:
     diffs = ", ".join(f"{k}: {made_with.get(k)!r} -> {now.get(k)!r}" for k in changed)
     raise ValueError(f"{workdir} was made by an RCRL run with other settings ({diffs}); use a "
                      f"fresh --workdir, or the settings it was made with")
-
-
-def _write_jsonl(path: str, rows) -> None:
-  """Atomic JSONL write (a kill leaves no file or the whole file)."""
-  if jax.process_index() != 0:
-    return
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    for row in rows:
-      f.write(json.dumps(row) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
-def _read_jsonl(path: str) -> list[dict]:
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,16 +247,16 @@ def run(config, workdir: str) -> dict:
     check_settings(config, workdir, record=True)
     t0 = time.perf_counter()
     data = build_dataset(policy, task.train, rc, mesh=mesh, rules=rules)
-    _write_jsonl(data_path, [d.to_json() for d in data])
+    jsonl.write_rows(data_path, [d.to_json() for d in data])
     evals["data_seconds"] = time.perf_counter() - t0
     common.write_json(evals_path, evals)
     del policy
-  data = [rcrl.Labelled.from_json(r) for r in _read_jsonl(data_path)]
+  data = [rcrl.Labelled.from_json(r) for r in jsonl.read_rows(data_path)]
   chosen, stats = rcrl.balance(data, rc.balance, rc.seed)
   records = [rcrl.make_record(data[i], cut) for i, cut in chosen]
   if not records:
     raise ValueError(f"No training records after balance={rc.balance!r} ({stats})")
-  _write_jsonl(os.path.join(workdir, TRAIN_FILE), records)
+  jsonl.write_rows(os.path.join(workdir, TRAIN_FILE), records)
   n_rollouts = rollouts_drawn(data, rc.rollouts_per_step)
   logging.info("rcrl labels: %s; %d rollouts drawn", stats, n_rollouts)
 

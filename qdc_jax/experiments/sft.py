@@ -28,9 +28,7 @@ def check_config(config) -> None:
     raise ValueError("Set --config.init_from to the model directory to fine-tune (a "
                      "qdc_jax.model_io directory, e.g. a converted Gemma checkpoint, or "
                      "'asset:lab_student')")
-  if config.task.name != "lab" and not config.task.train_path:
-    raise ValueError(f"task.name={config.task.name!r} needs --config.task.train_path (a "
-                     f"JSONL/Parquet file of {config.task.name} rows with solutions)")
+  common.check_task(config.task)
 
 
 def run(config, workdir: str) -> dict:

@@ -22,6 +22,7 @@ import ml_collections
 from qdc_jax import fit
 from qdc_jax import model_io
 from qdc_jax.data import arith
+from qdc_jax.data import jsonl
 from qdc_jax.data import lab_tasks
 from qdc_jax.eval import solve
 from qdc_jax.models import transformer
@@ -64,6 +65,13 @@ def _lab_item(p: arith.Problem) -> Item:
               solution=rec["completion"])
 
 
+def check_task(c: ml_collections.ConfigDict) -> None:
+  """Fail before anything loads when a real dataset has no training file."""
+  if c.name != "lab" and not c.train_path:
+    raise ValueError(f"task.name={c.name!r} needs --config.task.train_path (a JSONL or "
+                     f"Parquet file of {c.name} rows)")
+
+
 def load_task(c: ml_collections.ConfigDict) -> Task:
   if c.name == "lab":
     test = {s: lab_tasks.test_problems(s, c.test_size) for s in ("in_dist", "ood")}
@@ -75,9 +83,7 @@ def load_task(c: ml_collections.ConfigDict) -> Task:
     return Task(train=[_lab_item(p) for p in train], val=[_lab_item(p) for p in val],
                 test={s: [_lab_item(p) for p in ps] for s, ps in test.items()})
   from qdc_jax.data import math_tasks  # pylint: disable=g-import-not-at-top
-  if not c.train_path:
-    raise ValueError(f"task.name={c.name!r} needs --config.task.train_path (a JSONL or "
-                     f"Parquet file of {c.name} rows)")
+  check_task(c)
 
   def items(path):
     return [Item(question=e.question,
@@ -223,14 +229,7 @@ def resolve_train(tc: ml_collections.ConfigDict, num_records: int) -> ml_collect
 
 def write_json(path: str, obj: Any) -> None:
   """Atomic JSON write (a kill leaves the old file or the new one, never half of one)."""
-  if jax.process_index() != 0:
-    return
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  jsonl.write_atomic(path, json.dumps(obj, indent=2))
 
 
 def read_json(path: str) -> Optional[Any]:

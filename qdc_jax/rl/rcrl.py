@@ -25,7 +25,6 @@ import dataclasses
 import functools
 from typing import Any, Optional, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,7 +32,6 @@ import numpy as np
 from qdc_jax import sampling
 from qdc_jax import sharding as sharding_lib
 from qdc_jax import tokenizers
-from qdc_jax.models import transformer
 
 GOOD = "[GOOD]"
 BAD = "[BAD]"
@@ -405,21 +403,11 @@ def forced_sample(params, prompts_BxP: jax.Array, prompt_lengths_B: jax.Array,
   what the step-by-step loop (`conditioned_generate_stepwise`) samples, without re-encoding
   every row's text once per step. Log-probs of forced tokens are 0.
   """
-  cfg = model.config
   b, p = prompts_BxP.shape
   k, n = sp.num_samples, rule.total_tokens
   n_label = len(rule.label_ids)
-  cache = transformer.init_cache(cfg, b, p + n)
-  cache = nn.with_logical_constraint(cache, transformer.cache_logical_axes(cfg))
-  positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32)[None], (b, p))
-  logits, cache = model.apply({"params": params}, prompts_BxP, positions, cache=cache,
-                              logits_index_B=prompt_lengths_B - 1)
-  last = logits[:, 0]
-  if k > 1:
-    cache = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), cache)
-    last = jnp.repeat(last, k, axis=0)
-  cache = nn.with_logical_constraint(cache, transformer.cache_logical_axes(cfg))
-  start = jnp.repeat(prompt_lengths_B.astype(jnp.int32), k)
+  last, cache, start = sampling.prefill(params, prompts_BxP, prompt_lengths_B, model=model,
+                                        num_samples=k, cache_len=p + n)
   rows = b * k
   label = jnp.asarray(rule.label_ids or (sp.pad_id,), jnp.int32)
   newline = jnp.asarray(rule.newline_ids, jnp.int32)
