@@ -68,18 +68,7 @@ def settings(config) -> dict:
 
 def check_settings(workdir: str, config, *, record: bool = True) -> None:
   """Refuse a workdir made with other settings; record them on the first run (`record`)."""
-  path = os.path.join(workdir, SETTINGS_FILE)
-  now = settings(config)
-  saved = common.read_json(path)
-  if saved is None:
-    if record:
-      common.write_json(path, {"fingerprint": ei_lib.fingerprint(now), "settings": now})
-    return
-  if saved["fingerprint"] != ei_lib.fingerprint(now):
-    changed = ei_lib.changed_keys(saved["settings"], now)
-    raise ValueError(f"{workdir} holds an EI run made with other settings (changed: "
-                     f"{', '.join(changed) or 'unknown'}); use a fresh --workdir or the "
-                     f"original settings (see {path})")
+  common.check_settings(workdir, settings(config), record=record, filename=SETTINGS_FILE)
 
 
 def check_config(config) -> None:

@@ -21,7 +21,6 @@ refused (rcrl_settings.json), naming the keys that differ.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 
@@ -55,33 +54,12 @@ PAD_MULTIPLE = 128
 # Workdir bookkeeping.
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[prefix + k] = v
-  return out
-
-
 def check_settings(config, workdir: str, record: bool = False) -> None:
   """Refuse a workdir made with other settings; `record` the settings of a fresh one (done
   right before its first result is written, so a run that fails on a bad flag first does not
   pin the workdir to that flag)."""
-  now = json.loads(json.dumps(_flatten(config.to_dict())))
-  path = os.path.join(workdir, SETTINGS_FILE)
-  made_with = common.read_json(path)
-  if made_with is None:
-    if record:
-      common.write_json(path, now)
-    return
-  changed = sorted(k for k in set(now) | set(made_with)
-                   if k not in RESUMABLE_KEYS and now.get(k) != made_with.get(k))
-  if changed:
-    diffs = ", ".join(f"{k}: {made_with.get(k)!r} -> {now.get(k)!r}" for k in changed)
-    raise ValueError(f"{workdir} was made by an RCRL run with other settings ({diffs}); use a "
-                     f"fresh --workdir, or the settings it was made with")
+  common.check_settings(workdir, config.to_dict(), may_change=RESUMABLE_KEYS, record=record,
+                        filename=SETTINGS_FILE)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -239,11 +239,14 @@ def read_json(path: str) -> Optional[Any]:
     return json.load(f)
 
 
-def check_settings(workdir: str, settings: dict, *, may_change: Sequence[str] = ()) -> None:
+def check_settings(workdir: str, settings: dict, *, may_change: Sequence[str] = (),
+                   record: bool = True, filename: str = "settings.json") -> None:
   """Refuse to resume a workdir made with other settings, naming the keys that changed.
 
-  `settings` is a flat-or-nested JSON dict (e.g. `config.to_dict()`); keys in `may_change`
-  (dotted paths, e.g. "ppo.iterations") may differ. The first call writes settings.json.
+  `settings` is a nested JSON-able dict (e.g. `config.to_dict()`); keys in `may_change`
+  (dotted paths, e.g. "ppo.stop_after_iteration") may differ. With `record`, a fresh
+  workdir's settings are written (call it once the inputs have loaded, so a mistyped path
+  does not pin the workdir).
   """
   def flat(d, prefix=""):
     out = {}
@@ -255,16 +258,18 @@ def check_settings(workdir: str, settings: dict, *, may_change: Sequence[str] = 
         out[key] = json.loads(json.dumps(v, default=str))
     return out
 
-  path = os.path.join(workdir, "settings.json")
+  path = os.path.join(workdir, filename)
   now = {k: v for k, v in flat(settings).items()
          if not any(k == m or k.startswith(m + ".") for m in may_change)}
   before = read_json(path)
   if before is None:
-    os.makedirs(workdir, exist_ok=True)
-    write_json(path, now)
+    if record:
+      os.makedirs(workdir, exist_ok=True)
+      write_json(path, now)
     return
   changed = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
   if changed:
     details = ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:8])
-    raise ValueError(f"{workdir} was made with other settings ({details}); resume with the "
-                     f"settings it was made with, or use a fresh --workdir")
+    raise ValueError(f"{workdir} was made with other settings (changed: {', '.join(changed)}; "
+                     f"{details}); resume with the settings it was made with, or use a fresh "
+                     f"--workdir")

@@ -14,8 +14,6 @@ are one solution; the first one seen is kept, spelled as sampled.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from qdc_jax.data import answers
@@ -138,22 +136,3 @@ def per_question_stats(prompts: Sequence[str], round_records: Sequence[Mapping[s
   n = max(len(prompts), 1)
   return {"questions_solved": len(solved) / n, "questions_covered": len(covered) / n,
           "unique_correct": len(round_records), "dataset_size": len(dataset)}
-
-
-def fingerprint(settings: Mapping[str, Any]) -> str:
-  """A stable hash of the settings that shape a run's results (JSON, sorted keys)."""
-  return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str)
-                        .encode()).hexdigest()[:16]
-
-
-def changed_keys(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
-  """Dotted keys whose values differ between two nested settings dicts."""
-  out = []
-  for k in sorted(set(old) | set(new)):
-    a, b = old.get(k, "<absent>"), new.get(k, "<absent>")
-    if isinstance(a, Mapping) and isinstance(b, Mapping):
-      out += changed_keys(a, b, f"{prefix}{k}.")
-    elif json.dumps(a, sort_keys=True, default=str) != json.dumps(b, sort_keys=True,
-                                                                 default=str):
-      out.append(prefix + k)
-  return out
