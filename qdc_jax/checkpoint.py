@@ -493,6 +493,8 @@ def _leaf_checksums(state: Any) -> dict[str, dict]:
     else:
       out[p]["hash"] = _np_hash(x)
   for paths, leaves in groups.values():
-    for p, h in zip(paths, jax.device_get(_device_hashes(leaves))):
+    # The hashes are replicated scalars: read from this process's own copy.
+    for p, h in zip(paths, [np.asarray(x.addressable_data(0))
+                            for x in _device_hashes(leaves)]):
       out[p]["hash"] = int(h)
   return out

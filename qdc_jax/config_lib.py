@@ -39,13 +39,11 @@ def mesh_section(shape=(-1, 1, 1)) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.shape = tuple(shape)  # (data, fsdp, tensor); one -1 takes the remaining devices
   c.rules = placeholder(tuple)  # logical-axis rules; None = qdc_jax.sharding.DEFAULT_RULES
-  c.distributed = False  # jax.distributed.initialize() first (multi-host TPU / GPU)
   return c
 
 
 def make_mesh(c: ml_collections.ConfigDict):
   """(mesh, rules) from `config.mesh`."""
-  sharding_lib.maybe_initialize_distributed(c.get("distributed", False))
   return sharding_lib.make_mesh(tuple(c.shape)), sharding_lib.rules_from_config(c.rules)
 
 

@@ -10,19 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from absl import logging
 
 from qdc_jax import checkpoint as ckpt_lib
 from qdc_jax import metrics_log
 from qdc_jax import optim
 from qdc_jax import sharding as sharding_lib
+from qdc_jax import storage
 from qdc_jax import train
 from qdc_jax.data import pipeline
 from qdc_jax.models import transformer
@@ -72,11 +71,11 @@ def evaluate(params, eval_fn, batches, mesh, rules) -> dict:
   """Token-level loss / accuracy over every eval batch (sums, so ragged batches are exact)."""
   totals = None
   for b in batches:
-    out = eval_fn(params, sharding_lib.put_batch(b, mesh, rules))
+    out = eval_fn(params, sharding_lib.put_global(b, mesh, rules))
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
   if totals is None:
     return {}
-  totals = jax.device_get(totals)
+  totals = sharding_lib.to_host(totals)
   n = max(float(totals["tokens"]), 1.0)
   return {"eval_loss": float(totals["loss_sum"]) / n, "eval_accuracy":
           float(totals["correct"]) / n, "eval_tokens": float(totals["tokens"])}
@@ -91,10 +90,9 @@ def fit(tc: ml_collections.ConfigDict, *, model: transformer.Transformer,
   `init_params` (e.g. a base model for SFT) is used only when no checkpoint exists yet.
   """
   tx = _optimizer(tc)
-  nproc = jax.process_count()
-  if tc.batch_size % (nproc * tc.accum_steps):
-    raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by processes x "
-                     f"train.accum_steps = {nproc} x {tc.accum_steps}")
+  if tc.batch_size % tc.accum_steps:
+    raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by "
+                     f"train.accum_steps={tc.accum_steps}")
   data_shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if (tc.batch_size // tc.accum_steps) % data_shards:
     raise ValueError(f"train batch {tc.batch_size} / accum_steps {tc.accum_steps} must be "
@@ -104,11 +102,15 @@ def fit(tc: ml_collections.ConfigDict, *, model: transformer.Transformer,
   abstract = train.abstract_train_state(rng, model=model, tx=tx, seq_len=tc.seq_len,
                                         mesh=mesh, rules=rules)
   shardings = jax.tree.map(lambda a: a.sharding, abstract)
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=tc.save_every,
+  ckpt = ckpt_lib.Checkpointer(storage.join(workdir, "checkpoints"), save_every=tc.save_every,
                                keep=tc.keep, async_save=tc.async_checkpoint)
+  # Every process runs the same pipeline of *global* batches and transfers only the rows its
+  # devices hold (put_global): the batches, and so the run, do not depend on the number of
+  # processes, and a run may resume on another host count. Host cost: each host tokenises
+  # the global batch (cheap next to a step at any size this runs at).
   data = pipeline.lm_dataset(train_records, tokenizer, seq_len=tc.seq_len,
-                             batch_size=tc.batch_size // nproc, pack=tc.pack,
-                             seed=tc.seed, train_on_prompt=tc.train_on_prompt)
+                             batch_size=tc.batch_size, pack=tc.pack, seed=tc.seed,
+                             train_on_prompt=tc.train_on_prompt, shard_index=0, shard_count=1)
   start = ckpt.latest_step()
   if start is not None:
     state, extra = ckpt.restore(abstract)
@@ -130,9 +132,10 @@ def fit(tc: ml_collections.ConfigDict, *, model: transformer.Transformer,
       shardings, mesh, rules)
   eval_fn = train.jit_eval_step(functools.partial(train.eval_step, model=model),
                                 shardings["params"], mesh, rules)
-  eval_data = (pipeline.eval_batches(list(eval_records)[jax.process_index()::nproc],
-                                     tokenizer, seq_len=tc.seq_len,
-                                     batch_size=tc.batch_size // nproc)
+  # All eval records on every process, in the same padded batches: the same collective
+  # calls everywhere.
+  eval_data = (pipeline.eval_batches(list(eval_records), tokenizer, seq_len=tc.seq_len,
+                                     batch_size=tc.batch_size // tc.accum_steps)
                if eval_records else [])
   end = tc.steps if tc.stop_at_step < 0 else min(tc.steps, tc.stop_at_step)
   log = metrics_log.MetricLogger(workdir, name=name, total_steps=tc.steps, start_step=start)
@@ -140,7 +143,7 @@ def fit(tc: ml_collections.ConfigDict, *, model: transformer.Transformer,
   eval_metrics: dict = {}
 
   def check_finite(step):
-    if bool(jax.device_get(state["nonfinite"])):
+    if bool(sharding_lib.to_host(state["nonfinite"])):
       ckpt.wait()
       raise NonFiniteError(
           f"Non-finite loss or gradient at or before step {step}; stopped without saving. "
@@ -149,11 +152,11 @@ def fit(tc: ml_collections.ConfigDict, *, model: transformer.Transformer,
 
   try:
     for step in range(start + 1, end + 1):
-      batch = sharding_lib.put_batch(next(data), mesh, rules)
+      batch = sharding_lib.put_global(next(data), mesh, rules)
       state, metrics = step_fn(state, batch, jax.random.fold_in(rng, step))
       is_save = step % tc.save_every == 0 or step == end
       if step % tc.log_every == 0 or is_save:
-        log.write(step, jax.device_get(metrics), items_per_step=tokens_per_step)
+        log.write(step, sharding_lib.to_host(metrics), items_per_step=tokens_per_step)
         check_finite(step)
       if eval_data and tc.eval_every and step % tc.eval_every == 0:
         eval_metrics = evaluate(state["params"], eval_fn, eval_data, mesh, rules)
@@ -177,6 +180,6 @@ def load_params(workdir: str, *, model: transformer.Transformer, tc, mesh, rules
   tx = _optimizer(tc)
   abstract = train.abstract_train_state(jax.random.PRNGKey(0), model=model, tx=tx,
                                         seq_len=tc.seq_len, mesh=mesh, rules=rules)
-  with ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1) as c:
+  with ckpt_lib.Checkpointer(storage.join(workdir, "checkpoints"), save_every=1) as c:
     state, _ = c.restore(abstract, step=step)
   return state["params"], jax.tree.map(lambda a: a.sharding, abstract["params"])

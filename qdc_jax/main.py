@@ -9,16 +9,33 @@ import importlib.util
 import logging as py_logging
 import os
 import sys
+import time
 
+import jax
+import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from qdc_jax import registry
+from qdc_jax import sharding
+from qdc_jax import storage
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory: checkpoints, metrics, "
-                               "TensorBoard, reports. Re-running on it resumes.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (local or gs://): "
+                               "checkpoints, metrics, TensorBoard, reports. Re-running on it "
+                               "resumes.")
+# Multi-controller JAX: the same command runs on every host.
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() with "
+                                 "auto-detection (TPU VM slices, SLURM).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", "", "HOST:PORT of process 0's "
+                                   "coordinator, for clusters JAX cannot auto-detect.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes in the job (with "
+                                      "--coordinator_address).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index (with "
+                                   "--coordinator_address).")
+_HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout_s", 0, "Seconds after which a dead peer "
+                                  "ends the survivors (0 = JAX's default, 100 s).")
 
 
 def _keys(c, prefix=""):
@@ -65,11 +82,36 @@ def main(argv):
     run = registry.get("experiment", config.experiment)
   except KeyError as e:
     raise app.UsageError(e.args[0]) from None
-  os.makedirs(_WORKDIR.value, exist_ok=True)
-  with open(os.path.join(_WORKDIR.value, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
-  logging.info("Experiment %s -> %s", config.experiment, _WORKDIR.value)
-  run(config, _WORKDIR.value)
+  sharding.initialize_distributed(
+      enabled=_DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
+      num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+      heartbeat_timeout_s=_HEARTBEAT.value)
+  workdir = _WORKDIR.value
+  check_shared_workdir(workdir)
+  storage.write_text(storage.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+  logging.info("Experiment %s -> %s (process %d of %d)", config.experiment, workdir,
+               jax.process_index(), jax.process_count())
+  run(config, workdir)
+
+
+def check_shared_workdir(workdir: str) -> None:
+  """On several processes the workdir must be one folder they all see (a bucket, NFS):
+  process 0 writes a token there and every other process must read it back."""
+  if storage.is_writer():
+    storage.makedirs(workdir)
+  if jax.process_count() == 1:
+    return
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  token = str(int(multihost_utils.broadcast_one_to_all(np.int32(time.time_ns() % 2**31))))
+  probe = storage.join(workdir, ".shared_probe")
+  storage.write_text(probe, token)
+  seen = storage.exists(probe) and storage.read_text(probe) == token
+  ok = multihost_utils.process_allgather(np.asarray(seen))
+  if not np.all(ok):
+    missing = [i for i, v in enumerate(np.ravel(ok)) if not v]
+    raise app.UsageError(
+        f"--workdir={workdir} is not shared: process(es) {missing} cannot see what process 0 "
+        f"wrote there. On several hosts use a gs:// bucket path or a shared filesystem.")
 
 
 def _load_config(spec: str):

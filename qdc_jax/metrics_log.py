@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import socket
 import time
 from typing import Any, Mapping, Optional
@@ -19,6 +18,8 @@ import numpy as np
 from absl import logging
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
+
+from qdc_jax import storage
 
 
 def _scalar(v: Any) -> Optional[float]:
@@ -50,31 +51,25 @@ class MetricLogger:
                start_step: int = 0, unit: str = "steps"):
     self.enabled = jax.process_index() == 0
     self.total_steps, self.unit = total_steps, unit
-    self.path = os.path.join(workdir, f"{name}_metrics.jsonl")
+    self.path = storage.join(workdir, f"{name}_metrics.jsonl")
     self._t0, self._s0 = time.perf_counter(), start_step
     self._last_t, self._last_step = self._t0, start_step
     if not self.enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    if os.path.exists(self.path):
-      kept = []
-      with open(self.path) as f:
-        for line in f:
-          try:
-            row = json.loads(line)
-          except json.JSONDecodeError:
-            continue  # a line cut by a kill mid-write
-          if row.get("step", -1) <= start_step:
-            kept.append(json.dumps(row))
-      tmp = self.path + ".tmp"
-      with open(tmp, "w") as f:
-        f.write("".join(k + "\n" for k in kept))
-      os.replace(tmp, self.path)
-    self._jsonl = open(self.path, "a")
-    tb_dir = os.path.join(workdir, "tb", name)
-    os.makedirs(tb_dir, exist_ok=True)
+    kept = []
+    if storage.exists(self.path):
+      for line in storage.read_text(self.path).splitlines():
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError:
+          continue  # a line cut by a kill mid-write
+        if row.get("step", -1) <= start_step:
+          kept.append(json.dumps(row))
+    self._jsonl = storage.AppendWriter(self.path, kept)
+    tb_dir = storage.join(workdir, "tb", name)
+    storage.makedirs(tb_dir)
     fname = f"events.out.tfevents.{time.time():.6f}.{socket.gethostname()}"
-    self._tb_file = open(os.path.join(tb_dir, fname), "wb")
+    self._tb_file = storage.path(storage.join(tb_dir, fname)).open("wb")
     self._tb = RecordWriter(self._tb_file)
     self._add_event(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
 
@@ -95,8 +90,7 @@ class MetricLogger:
     self._last_t, self._last_step = now, step
     if not self.enabled:
       return row
-    self._jsonl.write(json.dumps({"step": int(step), "time": time.time(), **row}) + "\n")
-    self._jsonl.flush()
+    self._jsonl.write_line(json.dumps({"step": int(step), "time": time.time(), **row}))
     for k, v in row.items():
       if math.isfinite(v):
         summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=k, simple_value=v)])

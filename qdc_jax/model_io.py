@@ -9,9 +9,7 @@ Layout of a model directory:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import shutil
 from typing import Any, Optional
 
 import jax
@@ -19,9 +17,11 @@ import jax.numpy as jnp
 
 from qdc_jax import checkpoint as ckpt_lib
 from qdc_jax import sharding as sharding_lib
+from qdc_jax import storage
 from qdc_jax import tokenizers
 from qdc_jax.models import transformer
 
+MODEL_JSON = "model.json"
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 
 
@@ -32,30 +32,31 @@ def asset_path(name: str) -> str:
 
 def save_model(directory: str, cfg: transformer.ModelConfig, params: Any, *,
                tokenizer: Optional[dict] = None, notes: Optional[dict] = None) -> None:
-  """Writes a fresh model directory (replacing one that exists, never half-written)."""
+  """Writes a model directory (local or gs://); call on every process (collective).
+
+  model.json is written last and is the commit point: a directory being replaced loses its
+  model.json first, so a kill midway leaves a directory `load_model` refuses, never a model
+  with half-new weights.
+  """
   meta = {"model": dataclasses.asdict(cfg), "tokenizer": tokenizer or {}, "notes": notes or {}}
-  tmp = directory.rstrip("/") + ".tmp"
-  if jax.process_index() == 0:
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-  with ckpt_lib.Checkpointer(os.path.join(tmp, "params"), save_every=1, keep=1,
+  meta_path = storage.join(directory, MODEL_JSON)
+  if storage.is_writer() and storage.exists(meta_path):
+    storage.path(meta_path).unlink()
+  storage.rmtree(storage.join(directory, "params"))
+  with ckpt_lib.Checkpointer(storage.join(directory, "params"), save_every=1, keep=1,
                              async_save=False) as c:
     c.maybe_save(0, params, force=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(tmp, "model.json"), "w") as f:
-      json.dump(meta, f, indent=2)
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(tmp, directory)
+  storage.write_json(meta_path, meta)
 
 
 def load_model_config(directory: str) -> tuple[transformer.ModelConfig, dict]:
-  path = os.path.join(directory, "model.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"No model directory at {directory} (missing model.json); point "
-                            f"the config's checkpoint/model_dir flag at a directory written by "
+  path = storage.join(directory, MODEL_JSON)
+  if not storage.exists(path):
+    raise FileNotFoundError(f"No model directory at {directory} (missing {MODEL_JSON}, or "
+                            f"a save was interrupted); point the config's checkpoint/"
+                            f"model_dir flag at a directory written by "
                             f"qdc_jax.model_io.save_model")
-  with open(path) as f:
-    meta = json.load(f)
+  meta = storage.read_json(path)
   fields = dict(meta["model"])
   fields["layer_pattern"] = tuple(fields["layer_pattern"])
   return transformer.ModelConfig(**fields), meta
@@ -70,7 +71,7 @@ def load_model(directory: str, *, mesh=None, rules=None):
   model = transformer.Transformer(cfg)
   init = lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
   abstract = sharding_lib.abstract_with_shardings(init, mesh, rules)
-  with ckpt_lib.Checkpointer(os.path.join(directory, "params"), save_every=1) as c:
+  with ckpt_lib.Checkpointer(storage.join(directory, "params"), save_every=1) as c:
     params, _ = c.restore(abstract)
   tok_meta = meta.get("tokenizer") or {}
   tok = None

@@ -208,6 +208,8 @@ def generate_text(params, prompts: Sequence[str], *, model: transformer.Transfor
   # Model vocabularies are often padded past the tokenizer's; never sample those ids.
   sp = dataclasses.replace(sp, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
                            valid_vocab_size=sp.valid_vocab_size or tokenizer.vocab_size)
+  if mesh is not None:
+    rules = rules or sharding_lib.DEFAULT_RULES
   run = jit_sample(model, sp, mesh, rules, param_shardings)
   min_rows = 1
   if mesh is not None:
@@ -223,7 +225,10 @@ def generate_text(params, prompts: Sequence[str], *, model: transformer.Transfor
     # A fixed row count per call keeps one compiled shape for all full batches.
     toks, lens = pad_prompts(chunk + [chunk[-1]] * (batch_size - len(chunk)),
                              tokenizer.pad_id, multiple=pad_multiple, min_rows=min_rows)
-    res = jax.device_get(run(params, toks, lens, jax.random.fold_in(rng, start)))
+    if mesh is not None:  # every process holds the whole batch: build global arrays
+      toks, lens = sharding_lib.put_global(toks, mesh, rules), sharding_lib.put_global(
+          lens, mesh, rules)
+    res = sharding_lib.to_host(run(params, toks, lens, jax.random.fold_in(rng, start)))
     for i in range(len(chunk)):
       rows = range(i * sp.num_samples, (i + 1) * sp.num_samples)
       out.append([tokenizer.decode(res.tokens[r, :res.lengths[r]]) for r in rows])

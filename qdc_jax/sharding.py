@@ -150,8 +150,65 @@ def put_batch(batch: dict[str, np.ndarray], mesh: Mesh, rules) -> dict[str, jax.
   return out
 
 
-def maybe_initialize_distributed(enabled: bool) -> None:
-  """Multi-host start-up (TPU VMs / several GPU hosts); a no-op on one process."""
-  # Must run before anything touches a backend (even jax.process_count()).
-  if enabled:
-    jax.distributed.initialize()
+def put_global(batch, mesh: Mesh, rules):
+  """Host data that every process holds whole (the same on each) -> global jax.Arrays.
+
+  Each process transfers only the rows its own devices hold (`make_array_from_callback`),
+  so the result is the same global array whatever the process count or device order. A dict
+  or a single array; the leading axis is sharded over the data axes.
+  """
+  def one(v):
+    v = np.asarray(v)
+    sharding = batch_sharding(mesh, rules, v.ndim)
+    return jax.make_array_from_callback(v.shape, sharding, lambda idx: v[idx])
+  if isinstance(batch, dict):
+    return {k: one(v) for k, v in batch.items()}
+  return one(batch)
+
+
+def to_host(tree):
+  """Global jax.Arrays -> numpy on every process (never `device_get` of a global array).
+
+  Arrays that span processes are gathered with `process_allgather`; arrays whose shards are
+  all addressable here (one process, or replicated) are copied directly.
+  """
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      if x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+  return jax.tree.map(one, tree)
+
+
+def initialize_distributed(*, enabled: bool = False, coordinator_address: str = "",
+                           num_processes: int = 0, process_id: int = -1,
+                           heartbeat_timeout_s: int = 0) -> None:
+  """`jax.distributed.initialize()` once, at the entry point (qdc_jax.main's flags).
+
+  With a coordinator address the cluster is given explicitly (GPU hosts, localhost tests);
+  `enabled` alone lets JAX auto-detect it (TPU VM slices, SLURM). A no-op otherwise. Must run
+  before anything touches a backend (even `jax.process_count()`).
+  """
+  if not (enabled or coordinator_address):
+    return
+  kwargs = {}
+  if coordinator_address:
+    if num_processes < 1 or not 0 <= process_id < num_processes:
+      raise ValueError(f"--coordinator_address={coordinator_address} needs --num_processes "
+                       f">= 1 and 0 <= --process_id < --num_processes (got {num_processes}, "
+                       f"{process_id})")
+    kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes,
+                  process_id=process_id)
+  if heartbeat_timeout_s:
+    # A dead peer then ends the survivors within about this long instead of a hang.
+    kwargs["heartbeat_timeout_seconds"] = heartbeat_timeout_s
+  try:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  except (AttributeError, ValueError):  # older JAX names; irrelevant off CPU
+    pass
+  jax.distributed.initialize(**kwargs)
+  logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count())

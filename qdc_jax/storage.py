@@ -96,6 +96,11 @@ def _write_one(p: epath.Path, data: bytes) -> None:
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, os.fspath(p))
+    fd = os.open(os.fspath(p.parent), os.O_RDONLY)  # the rename itself durable
+    try:
+      os.fsync(fd)
+    finally:
+      os.close(fd)
   else:
     p.write_bytes(data)  # one object upload: atomic on object stores
 
@@ -112,8 +117,9 @@ def write_text(p: PathLike, text: str, *, sync: bool = True) -> None:
   write_bytes(p, text.encode("utf-8"), sync=sync)
 
 
-def write_json(p: PathLike, value: Any, *, sync: bool = True, indent: Optional[int] = 2) -> None:
-  write_text(p, json.dumps(value, indent=indent), sync=sync)
+def write_json(p: PathLike, value: Any, *, sync: bool = True, indent: Optional[int] = 2,
+               default=None) -> None:
+  write_text(p, json.dumps(value, indent=indent, default=default), sync=sync)
 
 
 def write_rows(p: PathLike, rows: Iterable[Any], *, sync: bool = True) -> None:
@@ -211,3 +217,11 @@ class AppendWriter:
       self._f.close()
     else:
       self.flush()
+
+
+def save_figure(fig, p: PathLike, *, dpi: int = 120) -> None:
+  """A matplotlib figure as a PNG at `p` (process 0 writes; no barrier: nothing reads it)."""
+  import io  # pylint: disable=g-import-not-at-top
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=dpi)
+  write_bytes(p, buf.getvalue(), sync=False)

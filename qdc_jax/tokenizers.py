@@ -198,13 +198,16 @@ class SentencePieceTokenizer:
     # Imported here so the char-tokenizer path never needs sentencepiece.
     import sentencepiece as spm  # pylint: disable=g-import-not-at-top
 
-    if not model_path or not os.path.isfile(model_path):
+    from qdc_jax import storage  # pylint: disable=g-import-not-at-top
+
+    if not model_path or not storage.exists(model_path) or storage.path(model_path).is_dir():
       raise FileNotFoundError(
           f"SentencePiece model file not found: {model_path!r}. Set the tokenizer path with "
           "--config.tokenizer.path=/path/to/tokenizer.model"
       )
-    self._model_path = model_path
-    self._sp = spm.SentencePieceProcessor(model_file=model_path)
+    self._model_path = os.fspath(model_path)
+    # Read through the storage layer (gs:// too), then parsed from memory.
+    self._sp = spm.SentencePieceProcessor(model_proto=storage.read_bytes(model_path))
     self._set_ids()
 
   def _set_ids(self):

@@ -14,6 +14,7 @@ import optax
 import pytest
 
 from qdc_jax import sampling
+from qdc_jax import storage
 from qdc_jax.models import configs
 from qdc_jax.models import lora as lora_lib
 from qdc_jax.models import transformer
@@ -391,7 +392,7 @@ def test_report_tables_and_plots(tmp_path):
   for name, r in {"ei": run("ei", [0.1, 0.3], [0, 800]),
                   "ppo": run("ppo", [0.1, 0.2, 0.25], [0, 64, 128])}.items():
     (tmp_path / name).mkdir()
-    common.write_json(str(tmp_path / name / common.REPORT_FILE), r)
+    storage.write_json(str(tmp_path / name / common.REPORT_FILE), r)
   runs = report.load_runs([f"EI={tmp_path / 'ei'}", f"PPO={tmp_path / 'ppo'}"])
   table = report.tables(runs)
   assert "| EI | 0.310 | 0.300 | 0.400 | 3.000 | 2.000 | 1.000 | 800 | 800 |" in table

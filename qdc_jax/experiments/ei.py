@@ -26,8 +26,6 @@ run's. A workdir made with settings that shape the results differently is refuse
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 
 import jax
@@ -40,7 +38,7 @@ from qdc_jax import config_lib  # pylint: disable=wrong-import-position
 from qdc_jax import fit  # pylint: disable=wrong-import-position
 from qdc_jax import metrics_log  # pylint: disable=wrong-import-position
 from qdc_jax import sampling  # pylint: disable=wrong-import-position
-from qdc_jax.data import jsonl  # pylint: disable=wrong-import-position
+from qdc_jax import storage
 from qdc_jax.rl import common  # pylint: disable=wrong-import-position
 from qdc_jax.rl import ei as ei_lib  # pylint: disable=wrong-import-position
 
@@ -85,7 +83,7 @@ def check_config(config) -> None:
 
 
 def _round_dir(workdir: str, i: int) -> str:
-  return os.path.join(workdir, f"round_{i}")
+  return storage.join(workdir, f"round_{i}")
 
 
 def _prompt_pad(policy: common.Policy, prompts) -> int:
@@ -139,13 +137,11 @@ def _prune(workdir: str, done: dict) -> None:
   round samples with the latest; a kill before the next round's done.json needs the one
   before) and the best so far (exported at the end): at Gemma scale each holds the model
   and its Adam state."""
-  if jax.process_index() != 0:
-    return
   rounds = sorted(done)
   best = rounds[ei_lib.best_round([done[j]["val"]["maj@1"] for j in rounds])]
   for j in rounds[1:-2]:
     if j != best:
-      shutil.rmtree(os.path.join(_round_dir(workdir, j), "checkpoints"), ignore_errors=True)
+      storage.rmtree(storage.join(_round_dir(workdir, j), "checkpoints"))
 
 
 def plot_curve(curve: list[dict], k_eval: int, path: str, title: str) -> None:
@@ -175,14 +171,14 @@ def plot_curve(curve: list[dict], k_eval: int, path: str, title: str) -> None:
   ax2.legend(fontsize=8)
   fig.suptitle(title, fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  storage.save_figure(fig, path, dpi=120)
   plt.close(fig)
 
 
 def run(config, workdir: str) -> dict:
   check_config(config)
   c, ec = config.ei, config.eval
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   check_settings(workdir, config, record=False)  # refuse early, before loading anything
   mesh, rules = config_lib.make_mesh(config.mesh)
   task = common.load_task(config.task)
@@ -206,13 +202,13 @@ def run(config, workdir: str) -> dict:
 
   # Rounds finished by an earlier process: read back, and log only the ones after them.
   finished = 0
-  while common.read_json(os.path.join(_round_dir(workdir, finished + 1), "done.json")) and (
+  while storage.read_json(storage.join(_round_dir(workdir, finished + 1), "done.json")) and (
       finished + 1 <= c.rounds):
     finished += 1
-  round0_done = os.path.exists(os.path.join(_round_dir(workdir, 0), "done.json"))
+  round0_done = storage.exists(storage.join(_round_dir(workdir, 0), "done.json"))
   log = metrics_log.MetricLogger(workdir, name="ei", total_steps=c.rounds,
                                  start_step=finished if round0_done else -1, unit="rounds")
-  timing = common.read_json(os.path.join(workdir, TIMING_FILE)) or {}
+  timing = storage.read_json(storage.join(workdir, TIMING_FILE)) or {}
   t_start = time.time()
 
   def finish_round(i: int, record: dict) -> None:
@@ -224,15 +220,15 @@ def run(config, workdir: str) -> dict:
     logging.info("EI round %d | rollouts %d | val %s | %s", i, record["rollouts"],
                  {k: round(v, 4) for k, v in record["val"].items() if v is not None},
                  record.get("stats", {}))
-    common.write_json(os.path.join(_round_dir(workdir, i), "done.json"), record)
+    storage.write_json(storage.join(_round_dir(workdir, i), "done.json"), record)
     timing[f"round_{i}"] = record["seconds"]
-    common.write_json(os.path.join(workdir, TIMING_FILE), timing)
+    storage.write_json(storage.join(workdir, TIMING_FILE), timing)
 
   done: dict[int, dict] = {}
   try:
     # Round 0: the initial policy.
-    os.makedirs(_round_dir(workdir, 0), exist_ok=True)
-    rec = common.read_json(os.path.join(_round_dir(workdir, 0), "done.json"))
+    storage.makedirs(_round_dir(workdir, 0))
+    rec = storage.read_json(storage.join(_round_dir(workdir, 0), "done.json"))
     if rec is None:
       t0 = time.time()
       m, _ = evaluate(init_params, task.val)
@@ -253,11 +249,11 @@ def run(config, workdir: str) -> dict:
         stopped = "saturated"
         break
       rdir = _round_dir(workdir, i)
-      rec = common.read_json(os.path.join(rdir, "done.json"))
+      rec = storage.read_json(storage.join(rdir, "done.json"))
       if rec is not None:
         done[i] = rec
         continue
-      os.makedirs(rdir, exist_ok=True)
+      storage.makedirs(rdir)
       if params_round != i - 1:
         params = _round_params(workdir, i - 1, done[i - 1], config=config, base=base,
                                init_params=init_params, mesh=mesh, rules=rules)
@@ -265,14 +261,14 @@ def run(config, workdir: str) -> dict:
       seconds = {}
       # 1. Rollouts (reused when an earlier process saved them).
       t0 = time.time()
-      samples_path = os.path.join(rdir, "samples.jsonl")
-      rows = jsonl.read_rows(samples_path)
+      samples_path = storage.join(rdir, "samples.jsonl")
+      rows = storage.read_rows(samples_path)
       if rows is None:
         samples = rollouts(params, task, policy=base, c=c, round_index=i, mesh=mesh,
                            rules=rules)
         rows = [{"prompt": it.prompt, "answer": it.answer, "samples": s}
                 for it, s in zip(task.train, samples)]
-        jsonl.write_rows(samples_path, rows)
+        storage.write_rows(samples_path, rows)
         seconds["sample"] = time.time() - t0
       if [r["prompt"] for r in rows] != prompts or any(len(r["samples"]) != c.k for r in rows):
         raise ValueError(f"{samples_path} does not match this task's train questions x "
@@ -281,13 +277,13 @@ def run(config, workdir: str) -> dict:
       flags = ei_lib.correct_flags([it.answer for it in task.train],
                                    [r["samples"] for r in rows], keep=c.keep)
       new = ei_lib.correct_records(prompts, [r["samples"] for r in rows], flags)
-      previous = jsonl.read_rows(
-          os.path.join(_round_dir(workdir, i - 1), "dataset.jsonl")) or []
+      previous = storage.read_rows(
+          storage.join(_round_dir(workdir, i - 1), "dataset.jsonl")) or []
       dataset = ei_lib.union(previous, new)
-      data_path = os.path.join(rdir, "dataset.jsonl")
-      saved = jsonl.read_rows(data_path)
+      data_path = storage.join(rdir, "dataset.jsonl")
+      saved = storage.read_rows(data_path)
       if saved is None:
-        jsonl.write_rows(data_path, dataset)
+        storage.write_rows(data_path, dataset)
       elif saved != dataset:
         raise ValueError(f"{data_path} differs from D_{i} rebuilt from its samples; the "
                          f"round directory is corrupt: delete {rdir} to redo the round")
@@ -332,7 +328,7 @@ def run(config, workdir: str) -> dict:
   best_params = (params if best == params_round else
                  _round_params(workdir, best, done[best], config=config, base=base,
                                init_params=init_params, mesh=mesh, rules=rules))
-  common.export(os.path.join(workdir, "model"), base, best_params,
+  common.export(storage.join(workdir, "model"), base, best_params,
                 notes={"algorithm": "ei", "variant": c.variant, "round": best,
                        "base": config.base, "init_from": config.init_from or config.base,
                        "rollouts": done[best]["rollouts"]})
@@ -361,13 +357,12 @@ def run(config, workdir: str) -> dict:
           "data": {str(j): done[j].get("stats", {}) for j in rounds if j > 0},
       },
   }
-  common.write_json(os.path.join(workdir, common.REPORT_FILE), report)
-  if jax.process_index() == 0:
-    plot_curve(curve, ec.k, os.path.join(workdir, CURVE_PNG),
-               f"EI {c.variant} ({config.task.name}): K={c.k}, {n_q} questions, "
-               f"best round {best}")
+  storage.write_json(storage.join(workdir, common.REPORT_FILE), report)
+  plot_curve(curve, ec.k, storage.join(workdir, CURVE_PNG),
+             f"EI {c.variant} ({config.task.name}): K={c.k}, {n_q} questions, "
+             f"best round {best}")
   timing["last_process_seconds"] = time.time() - t_start
-  common.write_json(os.path.join(workdir, TIMING_FILE), timing)
+  storage.write_json(storage.join(workdir, TIMING_FILE), timing)
   logging.info("EI done: %d rounds (%s), best round %d, val maj@1 %s", rounds[-1], stopped,
                best, [round(h, 4) for h in history])
   return report

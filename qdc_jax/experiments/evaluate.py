@@ -5,8 +5,6 @@ Default: the shipped lab student on the lab's in-distribution and OOD test split
 
 from __future__ import annotations
 
-import json
-import os
 
 import jax
 import matplotlib
@@ -16,6 +14,7 @@ from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-pos
 
 from qdc_jax import config_lib  # pylint: disable=wrong-import-position
 from qdc_jax import model_io  # pylint: disable=wrong-import-position
+from qdc_jax import storage
 from qdc_jax.data import arith, lab_tasks  # pylint: disable=wrong-import-position
 from qdc_jax.eval import solve  # pylint: disable=wrong-import-position
 from qdc_jax.models import transformer  # pylint: disable=wrong-import-position
@@ -51,7 +50,7 @@ def plot_pass_at_k(results: dict, path: str) -> None:
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  storage.save_figure(fig, path, dpi=120)
   plt.close(fig)
 
 
@@ -80,10 +79,7 @@ def run(config, workdir: str) -> dict:
                                    if k.startswith(("greedy", "pass@", "maj@"))})
   report = {"model_dir": model_dir, "model_notes": meta.get("notes", {}),
             "dataset": config.data.to_dict(), "sampling": sc.to_dict(), "results": results}
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "eval_report.json"), "w") as f:
-      json.dump(report, f, indent=2)
-    with open(os.path.join(workdir, "eval_examples.json"), "w") as f:
-      json.dump(examples, f, indent=2)
-    plot_pass_at_k(results, os.path.join(workdir, "pass_at_k.png"))
+  storage.write_json(storage.join(workdir, "eval_report.json"), report)
+  storage.write_json(storage.join(workdir, "eval_examples.json"), examples)
+  plot_pass_at_k(results, storage.join(workdir, "pass_at_k.png"))
   return report

@@ -10,8 +10,6 @@ Everything lands in `<workdir>/report.json`.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 
 import jax
@@ -22,6 +20,7 @@ from qdc_jax import fit
 from qdc_jax import model_io
 from qdc_jax import sampling
 from qdc_jax import tokenizers
+from qdc_jax import storage
 from qdc_jax.data import arith
 from qdc_jax.data import jsonl
 from qdc_jax.data import lab_tasks
@@ -136,7 +135,7 @@ def run(config, workdir: str) -> dict:
     return report
   tok_meta = ({"kind": "char", "alphabet": arith.ALPHABET} if config.tokenizer.kind == "char"
               else {"kind": config.tokenizer.kind, "path": config.tokenizer.path})
-  model_io.save_model(os.path.join(workdir, "model"), model.config, result.params,
+  model_io.save_model(storage.join(workdir, "model"), model.config, result.params,
                       tokenizer=tok_meta, notes={"task": config.data.get("task", ""),
                                                  "steps": result.step})
   if config.data.source == "arith":
@@ -144,7 +143,5 @@ def run(config, workdir: str) -> dict:
     report[config.data.task] = measure(result.params, model=model, tokenizer=tokenizer,
                                        ec=config.eval, mesh=mesh, rules=rules,
                                        shardings=result.param_shardings)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "report.json"), "w") as f:
-      json.dump(report, f, indent=2)
+  storage.write_json(storage.join(workdir, "report.json"), report)
   return report

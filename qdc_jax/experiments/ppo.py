@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import time
 
 import flax.linen as nn
@@ -36,6 +35,7 @@ from qdc_jax import optim
 from qdc_jax import registry
 from qdc_jax import sampling
 from qdc_jax import sharding as sharding_lib
+from qdc_jax import storage
 from qdc_jax.rl import common
 from qdc_jax.rl import ppo
 from qdc_jax.rl import rewards as rewards_lib
@@ -49,15 +49,6 @@ def make_reward(rc):
     return rewards_lib.load_reward_model(rc.model_dir)
   fn = registry.get("reward", rc.name)
   return functools.partial(fn, step_weight=rc.step_weight) if rc.name == "dense" else fn
-
-
-def put_global(batch: dict, mesh, rules) -> dict:
-  """A batch every process holds in full -> global arrays sharded over the data axes."""
-  out = {}
-  for k, v in batch.items():
-    sh = sharding_lib.batch_sharding(mesh, rules, np.ndim(v))
-    out[k] = jax.make_array_from_callback(v.shape, sh, lambda idx, v=v: v[idx])
-  return out
 
 
 @functools.lru_cache(maxsize=8)
@@ -98,7 +89,7 @@ def plot_curve(curve, k, path):
   ax.legend()
   ax.set_title("PPO")
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  storage.save_figure(fig, path, dpi=120)
   plt.close(fig)
 
 
@@ -144,7 +135,7 @@ def run(config, workdir: str) -> dict:
   sizes = ppo.param_bytes(trainable, frozen, state["opt_state"], spec)
   logging.info("PPO state bytes: %s (naive layout %s, ratio %.3f)", sizes["held"],
                sizes["naive"], sizes["ratio"])
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1, keep=2,
+  ckpt = ckpt_lib.Checkpointer(storage.join(workdir, "checkpoints"), save_every=1, keep=2,
                                async_save=False)
   host = {"iteration": 0, "rollouts": 0, "kl_coef": pc.kl_coef,
           "moments": ppo.RunningMoments().state_dict(), "curve": [], "best": None}
@@ -185,7 +176,7 @@ def run(config, workdir: str) -> dict:
     log.write(it, {f"val/{k}": v for k, v in point.items() if v is not None}, console=True)
     if host["best"] is None or point["maj@1"] > host["best"]["maj@1"]:
       host["best"] = point
-      common.export(os.path.join(workdir, "model"), policy, params,
+      common.export(storage.join(workdir, "model"), policy, params,
                     notes={"algorithm": "ppo", "iteration": it, "rollouts": host["rollouts"]})
 
   try:
@@ -201,7 +192,9 @@ def run(config, workdir: str) -> dict:
       toks, lens = sampling.pad_prompts([prompts[i] for i in pick], tok.pad_id,
                                         multiple=p_len, min_rows=data_shards)
       params = assemble(state["trainable"], frozen)
-      out = jax.device_get(sample_fn(params, toks, lens, jax.random.fold_in(rng, it)))
+      out = sharding_lib.to_host(sample_fn(
+          params, sharding_lib.put_global(toks, mesh, rules),
+          sharding_lib.put_global(lens, mesh, rules), jax.random.fold_in(rng, it)))
       del params
       responses = [list(out.tokens[r, :max(int(out.lengths[r]), 1)])
                    for r in range(len(pick) * pc.samples_per_question)]
@@ -223,13 +216,14 @@ def run(config, workdir: str) -> dict:
         dense = rewards_lib.token_rewards_from_offsets(
             sub, tok, kept_responses, [len(p) for p in kept_prompts], seq_len - 1)
         dense = dense / np.float32(moments.std)
-      batch = put_global(batch, mesh, rules)
-      exp, stats = experience_fn(state["trainable"], frozen, batch, jnp.asarray(scaled),
-                                 None if dense is None else jnp.asarray(dense),
-                                 jnp.float32(host["kl_coef"]))
+      batch = sharding_lib.put_global(batch, mesh, rules)
+      exp, stats = experience_fn(
+          state["trainable"], frozen, batch, sharding_lib.put_global(scaled, mesh, rules),
+          None if dense is None else sharding_lib.put_global(dense, mesh, rules),
+          jnp.float32(host["kl_coef"]))
       state, ustats = update_fn(state, frozen, exp, jax.random.fold_in(rng, 10_000_000 + it))
-      stats, ustats = jax.device_get((stats, ustats))
-      if bool(jax.device_get(state["nonfinite"])):
+      stats, ustats = sharding_lib.to_host((stats, ustats))
+      if bool(sharding_lib.to_host(state["nonfinite"])):
         raise fit.NonFiniteError(
             f"Non-finite PPO loss or gradient at iteration {it + 1}; stopped without saving. "
             f"The last good checkpoint is iteration {ckpt.latest_step()} in "
@@ -261,7 +255,7 @@ def run(config, workdir: str) -> dict:
                  host["iteration"], pc.iterations, workdir)
     return {"algorithm": "ppo", "curve": host["curve"], "stopped_at": host["iteration"]}
 
-  best = common.load_policy(os.path.join(workdir, "model"), mesh=mesh, rules=rules)
+  best = common.load_policy(storage.join(workdir, "model"), mesh=mesh, rules=rules)
   final = {}
   for split, items in task.test.items():
     m, _ = common.evaluate(best.params, items, policy=best, ec=ec, mesh=mesh, rules=rules)
@@ -273,7 +267,6 @@ def run(config, workdir: str) -> dict:
                       "policy": config.policy, "spec": {
                           "value_layers": spec.value_layers, "frozen_layers": spec.frozen_layers,
                           "lora_rank": spec.lora_rank}}}
-  common.write_json(os.path.join(workdir, common.REPORT_FILE), report)
-  if jax.process_index() == 0:
-    plot_curve(host["curve"], ec.k, os.path.join(workdir, "ppo_curve.png"))
+  storage.write_json(storage.join(workdir, common.REPORT_FILE), report)
+  plot_curve(host["curve"], ec.k, storage.join(workdir, "ppo_curve.png"))
   return report

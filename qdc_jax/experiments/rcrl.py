@@ -21,7 +21,6 @@ refused (rcrl_settings.json), naming the keys that differ.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 
 import jax
@@ -34,9 +33,9 @@ from absl import logging  # pylint: disable=wrong-import-position
 from qdc_jax import config_lib  # pylint: disable=wrong-import-position
 from qdc_jax import fit  # pylint: disable=wrong-import-position
 from qdc_jax import sampling  # pylint: disable=wrong-import-position
+from qdc_jax import storage
 from qdc_jax.data import answers  # pylint: disable=wrong-import-position
 from qdc_jax.eval import metrics  # pylint: disable=wrong-import-position
-from qdc_jax.data import jsonl  # pylint: disable=wrong-import-position
 from qdc_jax.rl import common  # pylint: disable=wrong-import-position
 from qdc_jax.rl import rcrl  # pylint: disable=wrong-import-position
 
@@ -172,7 +171,7 @@ def plot(results: dict, k: int, path: str) -> None:
   axes[0][0].set_ylabel("accuracy")
   axes[0][-1].legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  storage.save_figure(fig, path, dpi=120)
   plt.close(fig)
 
 
@@ -190,10 +189,10 @@ def run(config, workdir: str) -> dict:
   if config.rcrl.balance not in rcrl.BALANCE_MODES:
     raise ValueError(f"Unknown rcrl.balance {config.rcrl.balance!r}; choose one of "
                      f"{', '.join(rcrl.BALANCE_MODES)}")
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   check_settings(config, workdir)
-  report_path = os.path.join(workdir, common.REPORT_FILE)
-  done = common.read_json(report_path)
+  report_path = storage.join(workdir, common.REPORT_FILE)
+  done = storage.read_json(report_path)
   if done is not None:
     logging.info("%s exists: this workdir is finished", report_path)
     return done
@@ -205,36 +204,36 @@ def run(config, workdir: str) -> dict:
   same = common.resolve_model_dir(config.policy) == common.resolve_model_dir(config.base)
   tok_meta, tokenizer = rcrl.extend_tokenizer(base.meta.get("tokenizer") or {}, rcrl.LABELS,
                                               base.model.config.vocab_size)
-  evals_path = os.path.join(workdir, EVALS_FILE)
-  evals = common.read_json(evals_path) or {}
+  evals_path = storage.join(workdir, EVALS_FILE)
+  evals = storage.read_json(evals_path) or {}
 
   def cached(name, fn):
     if name not in evals:
       m, extra = fn()
       evals[name] = {"metrics": m, **extra}
-      common.write_json(evals_path, evals)
+      storage.write_json(evals_path, evals)
       logging.info("%s: %s", name, {k: round(v, 3) for k, v in m.items()
                                     if isinstance(v, float) and k.startswith(("maj", "pass",
                                                                               "greedy"))})
     return evals[name]["metrics"]
 
   # -- Data: labelled solutions (all-or-nothing, atomic), then the balanced records.
-  data_path = os.path.join(workdir, DATA_FILE)
-  if not os.path.exists(data_path):
+  data_path = storage.join(workdir, DATA_FILE)
+  if not storage.exists(data_path):
     policy = base if same else common.load_policy(config.policy, mesh=mesh, rules=rules)
     check_settings(config, workdir, record=True)
     t0 = time.perf_counter()
     data = build_dataset(policy, task.train, rc, mesh=mesh, rules=rules)
-    jsonl.write_rows(data_path, [d.to_json() for d in data])
+    storage.write_rows(data_path, [d.to_json() for d in data])
     evals["data_seconds"] = time.perf_counter() - t0
-    common.write_json(evals_path, evals)
+    storage.write_json(evals_path, evals)
     del policy
-  data = [rcrl.Labelled.from_json(r) for r in jsonl.read_rows(data_path)]
+  data = [rcrl.Labelled.from_json(r) for r in storage.read_rows(data_path)]
   chosen, stats = rcrl.balance(data, rc.balance, rc.seed)
   records = [rcrl.make_record(data[i], cut) for i, cut in chosen]
   if not records:
     raise ValueError(f"No training records after balance={rc.balance!r} ({stats})")
-  jsonl.write_rows(os.path.join(workdir, TRAIN_FILE), records)
+  storage.write_rows(storage.join(workdir, TRAIN_FILE), records)
   n_rollouts = rollouts_drawn(data, rc.rollouts_per_step)
   logging.info("rcrl labels: %s; %d rollouts drawn", stats, n_rollouts)
 
@@ -246,9 +245,9 @@ def run(config, workdir: str) -> dict:
                for s, its in task.test.items() if config.compare_on_test}
 
   # -- Train from the base params, export with the label-writing tokenizer.
-  model_dir = os.path.join(workdir, "model")
+  model_dir = storage.join(workdir, "model")
   tc = common.resolve_train(config.train, len(records))
-  if not os.path.exists(os.path.join(model_dir, "model.json")):
+  if not storage.exists(storage.join(model_dir, "model.json")):
     t0 = time.perf_counter()
     init = base.params
     if rc.init_label_embeddings:
@@ -264,7 +263,7 @@ def run(config, workdir: str) -> dict:
                          "policy": config.policy, "base": config.base, "steps": result.step,
                          "records": len(records), "balance": rc.balance})
     evals["train_seconds"] = time.perf_counter() - t0
-    common.write_json(evals_path, evals)
+    storage.write_json(evals_path, evals)
     del result
   del base
   rl = common.load_policy(model_dir, mesh=mesh, rules=rules)
@@ -307,8 +306,8 @@ def run(config, workdir: str) -> dict:
                  "rcrl [GOOD]": head(test[s]),
                  **({"rcrl unconditioned": head(uncond[s])} if s in uncond else {})}
              for s in test}
-  if jax.process_index() == 0 and to_plot:
-    plot(to_plot, ec.k, os.path.join(workdir, "rcrl.png"))
-  common.write_json(report_path, report)
+  if to_plot:
+    plot(to_plot, ec.k, storage.join(workdir, "rcrl.png"))
+  storage.write_json(report_path, report)
   logging.info("rcrl: val %s | test %s", report["curve"][-1], report["final"])
   return report

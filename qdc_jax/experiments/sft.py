@@ -11,13 +11,13 @@ fit from its newest checkpoint, the evaluations are recomputed (deterministic gi
 
 from __future__ import annotations
 
-import os
 import time
 
 from absl import logging
 
 from qdc_jax import config_lib
 from qdc_jax import fit
+from qdc_jax import storage
 from qdc_jax.rl import common
 
 
@@ -57,7 +57,7 @@ def run(config, workdir: str) -> dict:
   if result.step < tc.steps:  # train.stop_at_step: a deliberate stop, resume later
     logging.info("Stopped at step %d of %d; not exporting.", result.step, tc.steps)
     return {"step": result.step}
-  common.export(os.path.join(workdir, "model"), policy, result.params,
+  common.export(storage.join(workdir, "model"), policy, result.params,
                 notes={"algorithm": "sft", "init_from": config.init_from, "steps": tc.steps,
                        "records": len(records)})
   val, _ = evaluate(result.params, task.val)
@@ -77,5 +77,5 @@ def run(config, workdir: str) -> dict:
   }
   logging.info("val maj@1 %.3f -> %.3f (%.0f s)", report["curve"][0]["maj@1"],
                report["curve"][1]["maj@1"], time.time() - t0)
-  common.write_json(os.path.join(workdir, common.REPORT_FILE), report)
+  storage.write_json(storage.join(workdir, common.REPORT_FILE), report)
   return report

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 
 import jax
@@ -33,6 +32,7 @@ from qdc_jax import fit
 from qdc_jax import metrics_log
 from qdc_jax import model_io
 from qdc_jax import registry
+from qdc_jax import storage
 from qdc_jax.data import arith, lab_tasks
 from qdc_jax.eval import solve
 from qdc_jax.models import transformer
@@ -90,11 +90,9 @@ def _evaluate(lm, student, sets, config, path, key: dict) -> dict:
   reuses them only if nothing that shapes them changed."""
   key = {**key, "eval": config.eval.to_dict(), "max_new_tokens": student.max_new_tokens,
          "seed": config.sparq.seed}
-  if os.path.exists(path):
-    with open(path) as f:
-      cached = json.load(f)
-    if cached.get("key") == key:
-      return cached["results"]
+  cached = storage.read_json(path)
+  if cached and cached.get("key") == key:
+    return cached["results"]
   out = {}
   for split, (prompts, refs, ks) in sets.items():
     k = config.eval.k
@@ -104,10 +102,7 @@ def _evaluate(lm, student, sets, config, path, key: dict) -> dict:
         rng=jax.random.PRNGKey(config.sparq.seed), batch_size=student.batch_size,
         mesh=lm.mesh, rules=lm.rules, param_shardings=lm.param_shardings)
     out[split] = m
-  if jax.process_index() == 0:
-    with open(path + ".tmp", "w") as f:
-      json.dump({"key": key, "results": out}, f, indent=2)
-    os.replace(path + ".tmp", path)  # never a half-written cache
+  storage.write_json(path, {"key": key, "results": out})
   return out
 
 
@@ -160,7 +155,7 @@ def run(config, workdir: str) -> dict:
     validity = lambda q, a: bool(arith.oracle(q, a).valid)
   roles = loop.Roles(generator, student, annotator, validity)
 
-  archive = Archive(os.path.join(workdir, "archive"))
+  archive = Archive(storage.join(workdir, "archive"))
   seeds = _seeds(config)
   logger = metrics_log.MetricLogger(workdir, name="sparq", total_steps=sc.rounds,
                                     start_step=max(archive.rounds_committed() - 1, 0),
@@ -176,7 +171,7 @@ def run(config, workdir: str) -> dict:
                            [p for prompts, _, _ in sets.values() for p in prompts])
   logging.info("Phase 2: %d training pairs (filter %s)", len(records), config.phase2.filter)
   baseline = _evaluate(student_lm, student, sets, config,
-                       os.path.join(workdir, "eval_baseline.json"), {"model": "baseline"})
+                       storage.join(workdir, "eval_baseline.json"), {"model": "baseline"})
   result = {"baseline": baseline}
   if records:
     records_hash = hashlib.sha256(json.dumps(records).encode()).hexdigest()[:16]
@@ -187,13 +182,13 @@ def run(config, workdir: str) -> dict:
     distilled = fit.fit(tc, model=student_lm.model, train_records=records,
                         tokenizer=student_lm.tokenizer,
                         # Other phase-2 data (more rounds, another filter): a fresh run.
-                        workdir=os.path.join(workdir, f"distill_{records_hash}"), mesh=mesh,
+                        workdir=storage.join(workdir, f"distill_{records_hash}"), mesh=mesh,
                         rules=rules,
                         init_params=student_lm.params, name="distill")
     sparq_lm = agents.LM(student_lm.model, distilled.params, student_lm.tokenizer, mesh, rules,
                          distilled.param_shardings, student_lm.extra_stop_ids)
     result["sparq"] = _evaluate(sparq_lm, student, sets, config,
-                                os.path.join(workdir, "eval_sparq.json"),
+                                storage.join(workdir, "eval_sparq.json"),
                                 {"model": "sparq", "distill_step": distilled.step,
                                  "records": records_hash})
   else:
@@ -201,6 +196,5 @@ def run(config, workdir: str) -> dict:
   result["timing"] = {"phase1_s": t_phase1, "total_s": time.time() - t_start,
                       **archive.latest_state().get("times", {})}
   result["num_training_pairs"] = len(records)
-  if jax.process_index() == 0:
-    report.write_report(workdir, items, result, config)
+  report.write_report(workdir, items, result, config)
   return result

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from typing import Any, Optional, Sequence
 
 import jax
@@ -21,8 +20,8 @@ import ml_collections
 
 from qdc_jax import fit
 from qdc_jax import model_io
+from qdc_jax import storage
 from qdc_jax.data import arith
-from qdc_jax.data import jsonl
 from qdc_jax.data import lab_tasks
 from qdc_jax.eval import solve
 from qdc_jax.models import transformer
@@ -132,7 +131,7 @@ def resolve_model_dir(path: str) -> str:
 
 def load_policy(path: str, *, mesh, rules) -> Policy:
   directory = resolve_model_dir(path)
-  if not os.path.exists(os.path.join(directory, "model.json")):
+  if not storage.exists(storage.join(directory, "model.json")):
     raise FileNotFoundError(f"{path}: no model.json there; give a model directory written by "
                             f"qdc_jax.model_io (e.g. <workdir>/model of an lm/sft run) or "
                             f"'asset:lab_student'")
@@ -227,18 +226,6 @@ def resolve_train(tc: ml_collections.ConfigDict, num_records: int) -> ml_collect
   return out
 
 
-def write_json(path: str, obj: Any) -> None:
-  """Atomic JSON write (a kill leaves the old file or the new one, never half of one)."""
-  jsonl.write_atomic(path, json.dumps(obj, indent=2))
-
-
-def read_json(path: str) -> Optional[Any]:
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
-
-
 def check_settings(workdir: str, settings: dict, *, may_change: Sequence[str] = (),
                    record: bool = True, filename: str = "settings.json") -> None:
   """Refuse to resume a workdir made with other settings, naming the keys that changed.
@@ -258,14 +245,14 @@ def check_settings(workdir: str, settings: dict, *, may_change: Sequence[str] = 
         out[key] = json.loads(json.dumps(v, default=str))
     return out
 
-  path = os.path.join(workdir, filename)
+  path = storage.join(workdir, filename)
   now = {k: v for k, v in flat(settings).items()
          if not any(k == m or k.startswith(m + ".") for m in may_change)}
-  before = read_json(path)
+  before = storage.read_json(path)
   if before is None:
     if record:
-      os.makedirs(workdir, exist_ok=True)
-      write_json(path, now)
+      storage.makedirs(workdir)
+      storage.write_json(path, now)
     return
   changed = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
   if changed:

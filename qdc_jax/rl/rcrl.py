@@ -507,7 +507,10 @@ def conditioned_generate(params, prompts: Sequence[str], *, model, tokenizer,
     toks, lens = sampling.pad_prompts(chunk + [chunk[-1]] * (batch_size - len(chunk)),
                                       tokenizer.pad_id, multiple=pad_multiple,
                                       min_rows=min_rows)
-    res = jax.device_get(run(params, toks, lens, jax.random.fold_in(rng, first)))
+    if mesh is not None:  # every process holds the whole batch: build global arrays
+      toks = sharding_lib.put_global(toks, mesh, rules or sharding_lib.DEFAULT_RULES)
+      lens = sharding_lib.put_global(lens, mesh, rules or sharding_lib.DEFAULT_RULES)
+    res = sharding_lib.to_host(run(params, toks, lens, jax.random.fold_in(rng, first)))
     for i in range(len(chunk)):
       out.append([tokenizer.decode(res.tokens[r, :res.lengths[r]])
                   for r in range(i * num_samples, (i + 1) * num_samples)])

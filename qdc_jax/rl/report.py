@@ -12,14 +12,13 @@ rollouts, log-x: figures 3.8, 3.12, 3.13), ei_iterations.png (EI accuracy per ro
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Sequence
 
 from absl import app
 from absl import flags
 
 from qdc_jax.rl import common
+from qdc_jax import storage
 
 _RUN = flags.DEFINE_multi_string("run", [], "NAME=WORKDIR of an RL run (rl_report.json)")
 _OUT = flags.DEFINE_string("out", "docs/results", "output directory")
@@ -31,8 +30,8 @@ def load_runs(specs: Sequence[str]) -> list[tuple[str, dict]]:
     if "=" not in spec:
       raise ValueError(f"--run={spec!r}: write NAME=WORKDIR")
     name, workdir = spec.split("=", 1)
-    path = os.path.join(workdir, common.REPORT_FILE)
-    report = common.read_json(path)
+    path = storage.join(workdir, common.REPORT_FILE)
+    report = storage.read_json(path)
     if report is None:
       raise FileNotFoundError(f"{path} does not exist: did the run finish?")
     runs.append((name, report))
@@ -96,8 +95,8 @@ def plots(runs: list[tuple[str, dict]], out_dir: str) -> list[str]:
     ax.grid(alpha=0.3)
   axes[0].legend(fontsize=8)
   fig.tight_layout()
-  path = os.path.join(out_dir, "sample_complexity.png")
-  fig.savefig(path, dpi=120)
+  path = storage.join(out_dir, "sample_complexity.png")
+  storage.save_figure(fig, path, dpi=120)
   plt.close(fig)
   written.append(path)
 
@@ -114,8 +113,8 @@ def plots(runs: list[tuple[str, dict]], out_dir: str) -> list[str]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path = os.path.join(out_dir, "ei_iterations.png")
-    fig.savefig(path, dpi=120)
+    path = storage.join(out_dir, "ei_iterations.png")
+    storage.save_figure(fig, path, dpi=120)
     plt.close(fig)
     written.append(path)
 
@@ -137,8 +136,8 @@ def plots(runs: list[tuple[str, dict]], out_dir: str) -> list[str]:
     ax.grid(alpha=0.3, axis="y")
     ax.legend()
   fig.tight_layout()
-  path = os.path.join(out_dir, "diversity.png")
-  fig.savefig(path, dpi=120)
+  path = storage.join(out_dir, "diversity.png")
+  storage.save_figure(fig, path, dpi=120)
   plt.close(fig)
   written.append(path)
   return written
@@ -149,13 +148,12 @@ def main(argv):
   runs = load_runs(_RUN.value)
   if not runs:
     raise app.UsageError("give at least one --run=NAME=WORKDIR")
-  os.makedirs(_OUT.value, exist_ok=True)
-  with open(os.path.join(_OUT.value, "rl_tables.md"), "w") as f:
-    f.write(tables(runs))
+  storage.makedirs(_OUT.value)
+  storage.write_text(storage.join(_OUT.value, "rl_tables.md"), tables(runs))
   for path in plots(runs, _OUT.value):
     print("wrote", path)
-  with open(os.path.join(_OUT.value, "rl_runs.json"), "w") as f:
-    json.dump({n: r for n, r in runs}, f, indent=1)
+  storage.write_json(storage.join(_OUT.value, "rl_runs.json"), {n: r for n, r in runs},
+                     indent=1)
   print(tables(runs))
 
 

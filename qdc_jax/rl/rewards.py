@@ -24,6 +24,7 @@ import numpy as np
 
 from qdc_jax.data import answers
 from qdc_jax.eval import metrics
+from qdc_jax import storage
 
 
 @dataclasses.dataclass
@@ -138,21 +139,18 @@ class RewardModelReward:
 
 def save_reward_model(directory: str, cfg, params: dict, tokenizer_meta: dict) -> None:
   """A reward-model directory: model.json + params/ ({"trunk", "head"}, qdc_jax.checkpoint)."""
-  import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
   from qdc_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  os.makedirs(directory, exist_ok=True)
-  with ckpt_lib.Checkpointer(os.path.join(directory, "params"), save_every=1, keep=1,
+  storage.makedirs(directory)
+  with ckpt_lib.Checkpointer(storage.join(directory, "params"), save_every=1, keep=1,
                              async_save=False) as c:
     c.maybe_save(0, params, force=True)
-  with open(os.path.join(directory, "model.json"), "w") as f:
-    json.dump({"model": dataclasses.asdict(cfg), "tokenizer": tokenizer_meta,
-               "kind": "reward_model"}, f, indent=2)
+  storage.write_json(storage.join(directory, "model.json"),
+                     {"model": dataclasses.asdict(cfg), "tokenizer": tokenizer_meta,
+                      "kind": "reward_model"})
 
 
 def load_reward_model(directory: str, **kwargs) -> RewardModelReward:
   """`RewardModelReward` of a directory written by `save_reward_model`."""
-  import os  # pylint: disable=g-import-not-at-top
   from qdc_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
   from qdc_jax import model_io, tokenizers  # pylint: disable=g-import-not-at-top
   from qdc_jax.models import heads  # pylint: disable=g-import-not-at-top
@@ -163,7 +161,7 @@ def load_reward_model(directory: str, **kwargs) -> RewardModelReward:
   model = heads.RewardModel(cfg)
   abstract = jax.eval_shape(lambda: nn.meta.unbox(
       model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]))
-  with ckpt_lib.Checkpointer(os.path.join(directory, "params"), save_every=1) as c:
+  with ckpt_lib.Checkpointer(storage.join(directory, "params"), save_every=1) as c:
     params, _ = c.restore(abstract)
   tok_meta = meta.get("tokenizer") or {}
   if tok_meta.get("kind") == "char":

@@ -7,9 +7,10 @@ Layout of the archive directory (r = round, zero-padded to 6 digits):
                        "num_items", "items_bytes", "items_sha256", "state"}; "state" is the
                        caller's opaque JSON dict (RNG state, working-set state, ...)
 
-Commit protocol: the items file, then the record, are each written to `<name>.tmp`, fsynced
-and `os.replace`d into place, and the directory is fsynced. The record is written last, so it
-is the commit point: a round whose record exists (and whose items file has the recorded size)
+Commit protocol: the items file, then the record, are each written atomically through the
+storage layer (`qdc_jax.storage`: a fsynced temp file renamed into place on a local disk, one
+object upload on a bucket), by process 0, with a barrier after each. The record is written
+last, so it is the commit point: a round whose record exists (and whose items file has the recorded size)
 is committed; anything else is debris of an interrupted commit. Opening an archive therefore
 
   - deletes `*.tmp` files (half-written, never visible under a real name);
@@ -21,7 +22,8 @@ is committed; anything else is debris of an interrupted commit. Opening an archi
     sequence; a person has to look).
 
 So after any crash, a reopened archive holds exactly the rounds that were fully committed, and
-the next round's item ids continue from the last committed id. One writer per directory.
+the next round's item ids continue from the last committed id. Every process opens the archive
+and commits the same rounds; process 0 alone writes (and repairs), the others wait at a barrier.
 Opening reads every commit record, so keep the per-round state small (ids, RNG state), not
 item text.
 """
@@ -33,10 +35,11 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Optional
+
+from qdc_jax import storage
 
 FORMAT_VERSION = 1
 TMP_SUFFIX = ".tmp"
@@ -119,23 +122,6 @@ class ArchiveItem:
     return cls(**d)
 
 
-def _fsync_dir(directory: str) -> None:
-  fd = os.open(directory, os.O_RDONLY)
-  try:
-    os.fsync(fd)
-  finally:
-    os.close(fd)
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-  tmp = path + TMP_SUFFIX
-  with open(tmp, "wb") as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
-
-
 def _items_bytes(items: Sequence[ArchiveItem]) -> bytes:
   return "".join(json.dumps(item.to_json(), allow_nan=False) + "\n"
                  for item in items).encode("utf-8")
@@ -156,7 +142,8 @@ class Archive:
         about item ids.
     """
     self.directory = directory
-    os.makedirs(directory, exist_ok=True)
+    if storage.is_writer():
+      storage.makedirs(directory)
     # Per committed round: (first_id, num_items, items_bytes, items_sha256).
     self._rounds: list[tuple[int, int, int, str]] = []
     self._recover()
@@ -164,33 +151,33 @@ class Archive:
   # -- paths ---------------------------------------------------------------
 
   def _items_path(self, r: int) -> str:
-    return os.path.join(self.directory, f"round_{r:06d}.jsonl")
+    return storage.join(self.directory, f"round_{r:06d}.jsonl")
 
   def _record_path(self, r: int) -> str:
-    return os.path.join(self.directory, f"round_{r:06d}.json")
+    return storage.join(self.directory, f"round_{r:06d}.json")
 
   # -- opening -------------------------------------------------------------
 
   def _read_record(self, r: int) -> Optional[dict[str, Any]]:
     """The round's commit record if it is well formed and its items file matches."""
     try:
-      with open(self._record_path(r), "rb") as f:
-        record = json.loads(f.read().decode("utf-8"))
+      record = json.loads(storage.read_bytes(self._record_path(r)).decode("utf-8"))
       ok = (isinstance(record, dict) and record.get("format") == FORMAT_VERSION and
             record.get("round") == r and isinstance(record.get("state"), dict) and
             all(isinstance(record.get(k), int)
                 for k in ("first_id", "num_items", "items_bytes")) and
             isinstance(record.get("items_sha256"), str) and
-            os.path.getsize(self._items_path(r)) == record["items_bytes"])
+            storage.path(self._items_path(r)).stat().length == record["items_bytes"])
       return record if ok else None
     except (OSError, ValueError):
       return None
 
   def _recover(self) -> None:
-    names = os.listdir(self.directory)
-    for name in names:
-      if name.endswith(TMP_SUFFIX):
-        os.remove(os.path.join(self.directory, name))
+    # Every process reads the same directory and reaches the same verdict; then process 0
+    # alone removes or sets aside the debris, and the others wait for it.
+    names = storage.listdir(self.directory)
+    debris = [storage.join(self.directory, n) for n in names if TMP_SUFFIX in n]
+    damaged = []
     record_rounds = sorted(int(m[1]) for m in map(_RECORD_RE.fullmatch, names) if m)
     item_rounds = sorted(int(m[1]) for m in map(_ITEMS_RE.fullmatch, names) if m)
     if record_rounds != list(range(len(record_rounds))):
@@ -205,9 +192,7 @@ class Archive:
                              "committed; repair or remove it by hand.")
         logging.warning("Archive %s: last round %d is damaged; set aside as *%s and treated "
                         "as not committed.", self.directory, r, DAMAGED_SUFFIX)
-        for path in (self._items_path(r), self._record_path(r)):
-          if os.path.exists(path):
-            os.replace(path, path + DAMAGED_SUFFIX)
+        damaged = [p for p in (self._items_path(r), self._record_path(r)) if storage.exists(p)]
         break
       if record["first_id"] != next_id:
         raise ArchiveError(f"{self.directory}: round {r} starts at id {record['first_id']}, "
@@ -215,11 +200,16 @@ class Archive:
       self._rounds.append((record["first_id"], record["num_items"], record["items_bytes"],
                            record["items_sha256"]))
       next_id += record["num_items"]
-    for r in item_rounds:
-      if r >= len(self._rounds) and os.path.exists(self._items_path(r)):
-        # Written, but its record never was: the round was never committed.
-        os.remove(self._items_path(r))
-    _fsync_dir(self.directory)
+    # Items written whose record never was: the round was never committed.
+    debris += [self._items_path(r) for r in item_rounds
+               if r >= len(self._rounds) and self._items_path(r) not in damaged]
+    if storage.is_writer():
+      for p in debris:
+        if storage.exists(p):
+          storage.path(p).unlink()
+      for p in damaged:
+        storage.path(p).rename(p + DAMAGED_SUFFIX)
+    storage.barrier(f"archive-open:{self.directory}")
 
   # -- queries -------------------------------------------------------------
 
@@ -248,8 +238,7 @@ class Archive:
       if not 0 <= r < len(self._rounds):
         raise IndexError(f"Round {r} is not committed ({len(self._rounds)} are)")
       first_id, num_items, size, digest = self._rounds[r]
-      with open(self._items_path(r), "rb") as f:
-        data = f.read()
+      data = storage.read_bytes(self._items_path(r))
       if len(data) != size or hashlib.sha256(data).hexdigest() != digest:
         raise ArchiveError(f"{self._items_path(r)} changed after it was committed")
       lines = data.decode("utf-8").splitlines()
@@ -271,8 +260,7 @@ class Archive:
     """
     if not 0 <= round < len(self._rounds):
       raise IndexError(f"Round {round} is not committed ({len(self._rounds)} are)")
-    with open(self._record_path(round), "rb") as f:
-      return json.loads(f.read().decode("utf-8"))["state"]
+    return json.loads(storage.read_bytes(self._record_path(round)).decode("utf-8"))["state"]
 
   def latest_state(self) -> Optional[dict[str, Any]]:
     """The last committed round's state, None for an empty archive."""
@@ -312,7 +300,6 @@ class Archive:
       record_data = json.dumps(record, allow_nan=False).encode("utf-8")
     except (TypeError, ValueError) as e:
       raise ValueError(f"state is not JSON-serialisable: {e}") from e
-    _write_atomic(self._items_path(round), data)
-    _write_atomic(self._record_path(round), record_data)  # The commit point.
-    _fsync_dir(self.directory)
+    storage.write_bytes(self._items_path(round), data)
+    storage.write_bytes(self._record_path(round), record_data)  # The commit point.
     self._rounds.append((first_id, len(items), len(data), record["items_sha256"]))

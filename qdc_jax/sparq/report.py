@@ -9,7 +9,6 @@ generated, QD-score and the distilled students' accuracies.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import Any, Sequence
 
@@ -20,6 +19,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from qdc_jax.sparq import metrics as sparq_metrics  # pylint: disable=wrong-import-position
 from qdc_jax.sparq.archive import Archive, ArchiveItem  # pylint: disable=wrong-import-position
+from qdc_jax import storage
 
 
 def coverage_curve(items: Sequence[ArchiveItem]) -> tuple[list[int], list[int]]:
@@ -48,26 +48,26 @@ def validity_by_solve_rate(items: Sequence[ArchiveItem], bins: int = 5) -> list[
 
 def _save(fig, path):
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  storage.save_figure(fig, path, dpi=110)
   plt.close(fig)
 
 
 def write_report(workdir: str, items: Sequence[ArchiveItem], result: dict, config) -> None:
+  """report.json, report.md and PNGs (call on every process: the writes are collective)."""
   children = [i for i in items if i.round > 0]
   summary = sparq_metrics.summarize(children)
   xs, ys = coverage_curve(items)
   validity = validity_by_solve_rate(items)
   doc = {"config": json.loads(config.to_json_best_effort()), "archive": summary,
          "validity_by_solve_rate": validity, **result}
-  with open(os.path.join(workdir, "report.json"), "w") as f:
-    json.dump(doc, f, indent=2, default=str)
+  storage.write_json(storage.join(workdir, "report.json"), doc, default=str)
 
   fig, ax = plt.subplots(figsize=(5, 3.5))
   ax.plot(xs, ys)
   ax.set_xlabel("problems generated")
   ax.set_ylabel("unique skill-sets (coverage)")
   ax.set_title(config.sparq.strategy)
-  _save(fig, os.path.join(workdir, "coverage.png"))
+  _save(fig, storage.join(workdir, "coverage.png"))
 
   fig, ax = plt.subplots(figsize=(5, 3.5))
   verified = [i for i in children if i.k > 0]
@@ -78,7 +78,7 @@ def write_report(workdir: str, items: Sequence[ArchiveItem], result: dict, confi
   ax.set_xlabel("value")
   ax.set_ylabel("children")
   ax.legend()
-  _save(fig, os.path.join(workdir, "quality_hist.png"))
+  _save(fig, storage.join(workdir, "quality_hist.png"))
 
   if any(v["n"] for v in validity):
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -87,7 +87,7 @@ def write_report(workdir: str, items: Sequence[ArchiveItem], result: dict, confi
     ax.set_xlabel("student solve rate")
     ax.set_ylabel("fraction valid (oracle)")
     ax.set_ylim(0, 1)
-    _save(fig, os.path.join(workdir, "validity_vs_solve_rate.png"))
+    _save(fig, storage.join(workdir, "validity_vs_solve_rate.png"))
 
   evals = {k: v for k, v in result.items() if k in ("baseline", "sparq")}
   if evals:
@@ -104,7 +104,7 @@ def write_report(workdir: str, items: Sequence[ArchiveItem], result: dict, confi
     axes[1].set_xlabel("n")
     axes[1].set_title("OOD pass@n")
     axes[1].legend()
-    _save(fig, os.path.join(workdir, "eval.png"))
+    _save(fig, storage.join(workdir, "eval.png"))
 
   lines = [f"# SPARQ report ({config.sparq.strategy})", "",
            f"{summary['problems']} problems generated in {config.sparq.rounds} rounds of "
@@ -133,8 +133,7 @@ def write_report(workdir: str, items: Sequence[ArchiveItem], result: dict, confi
               f"{(t['generator_s'] + t['student_s']) / t['round_s']:.0%}, host "
               f"{t['host_s'] / t['round_s']:.0%}."]
   lines += ["", "Plots: coverage.png, quality_hist.png, validity_vs_solve_rate.png, eval.png"]
-  with open(os.path.join(workdir, "report.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
+  storage.write_text(storage.join(workdir, "report.md"), "\n".join(lines) + "\n")
 
 
 def compare(workdirs: Sequence[str], out: str) -> dict[str, Any]:
@@ -142,14 +141,11 @@ def compare(workdirs: Sequence[str], out: str) -> dict[str, Any]:
   fig, ax = plt.subplots(figsize=(6, 4))
   table = {}
   for d in workdirs:
-    items = Archive(os.path.join(d, "archive")).load_items()
+    items = Archive(storage.join(d, "archive")).load_items()
     xs, ys = coverage_curve(items)
-    name = os.path.basename(os.path.normpath(d))
+    name = storage.path(d).name
     ax.plot(xs, ys, label=name)
-    rep = {}
-    if os.path.exists(os.path.join(d, "report.json")):
-      with open(os.path.join(d, "report.json")) as f:
-        rep = json.load(f)
+    rep = storage.read_json(storage.join(d, "report.json"), {})
     table[name] = {**sparq_metrics.summarize([i for i in items if i.round > 0]),
                    "sparq": rep.get("sparq"), "baseline": rep.get("baseline")}
   ax.set_xlabel("problems generated")
