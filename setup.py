@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "tensorboard>=2.15",
     "matplotlib>=3.8",
     "math-verify>=0.7",
+    "gcsfs>=2026.10.1",  # gs:// paths through etils.epath where TensorFlow is absent
 ]
 
 # Hugging Face parity tests (Gemma-2 import/export) and the PyTorch / HF baselines in

@@ -40,6 +40,7 @@ def save_model(directory: str, cfg: transformer.ModelConfig, params: Any, *,
   """
   meta = {"model": dataclasses.asdict(cfg), "tokenizer": tokenizer or {}, "notes": notes or {}}
   meta_path = storage.join(directory, MODEL_JSON)
+  storage.barrier(f"save-model:{directory}")  # readers of the old model are done
   if storage.is_writer() and storage.exists(meta_path):
     storage.path(meta_path).unlink()
   storage.rmtree(storage.join(directory, "params"))

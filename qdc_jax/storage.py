@@ -106,7 +106,14 @@ def _write_one(p: epath.Path, data: bytes) -> None:
 
 
 def write_bytes(p: PathLike, data: bytes, *, sync: bool = True) -> None:
-  """Atomically replace `p` with `data` (process 0 writes; then a barrier when `sync`)."""
+  """Atomically replace `p` with `data` (process 0 writes), between two barriers when `sync`.
+
+  The first barrier lets every process finish what it read before the write (so "read; if
+  absent, make and write" gives every process the same verdict), the second makes the write
+  visible to all before any reads it.
+  """
+  if sync:
+    barrier(f"before-write:{os.fspath(p)}")
   if is_writer():
     _write_one(epath.Path(p), data)
   if sync:
@@ -137,7 +144,9 @@ def read_rows(p: PathLike) -> Optional[list]:
 
 
 def rmtree(p: PathLike, *, sync: bool = True) -> None:
-  """Remove a directory tree if it exists (process 0; then a barrier when `sync`)."""
+  """Remove a directory tree if it exists (process 0; between barriers when `sync`)."""
+  if sync:
+    barrier(f"before-rmtree:{os.fspath(p)}")
   if is_writer():
     d = epath.Path(p)
     if d.exists():
@@ -158,6 +167,8 @@ def commit_marker(directory: PathLike, *, sync: bool = True) -> None:
 
 def uncommit(directory: PathLike, *, sync: bool = True) -> None:
   """Remove the marker first, so a directory being replaced is never read half-new."""
+  if sync:
+    barrier(f"before-uncommit:{os.fspath(directory)}")
   if is_writer():
     m = epath.Path(join(directory, MARKER))
     if m.exists():
