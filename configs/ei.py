@@ -57,6 +57,7 @@ def get_config(arg: str = ""):
   c.ei.min_gain = 0.0  # ... larger than this over the best so far
   c.ei.stop_after_round = -1  # stop (resumable) after finishing this round; -1 = off
   c.ei.prune_checkpoints = True  # keep fit checkpoints of the latest and best rounds only
+  c.ei.stop_strings = ()  # texts that end a rollout (base models: ("\nQuestion:",))
 
   # The SFT hyper-parameters: each round refits the base on D_i with them.
   c.train = common.sft_train_section(preset)
@@ -78,9 +79,12 @@ def get_config(arg: str = ""):
     c.task.test_size = 0
     c.ei.variant, c.ei.k, c.ei.temperature = "k96", 96, 1.0
     c.ei.max_new_tokens = 512
+    # A base model would run on past its answer and invent the next question.
+    c.ei.stop_strings = ("\nQuestion:",)
     c.ei.batch_size = 8  # x 96 = 768 rows per sampler call
     c.ei.rounds, c.ei.patience, c.ei.min_gain = 6, 1, 0.0  # thesis: saturates after 2-5
     c.eval = common.eval_section(96)  # maj@96 / pass@96 at T=0.7
+    c.eval.stop_strings = ("\nQuestion:",)  # base model: end at its answer
     c.eval.max_new_tokens = 512
     c.eval.batch_size = 16
   elif arg == "smoke":

@@ -32,6 +32,9 @@ def get_config(arg: str = ""):
   c.sampling.max_new_tokens = 160
   c.sampling.ks = (1, 2, 4, 8, 16)  # pass@k / maj@k budgets
   c.sampling.batch_size = 64  # prompts per sampler call (x k rows)
+  # Texts that end a sample: a base model on real datasets would otherwise invent the next
+  # "Question:" (the prompt template's); the lab models stop at <eos>.
+  c.sampling.stop_strings = ()
 
   if arg == "smoke":
     c.data.size, c.sampling.k, c.sampling.ks = 8, 4, (1, 2, 4)

@@ -96,6 +96,7 @@ def get_config(arg: str = ""):
     c.opt.lr = 1e-6
     c.opt.warmup_steps = 0
     c.eval = common.eval_section(96)  # as configs/ei.py:gemma, so the curves compare
+    c.eval.stop_strings = ("\nQuestion:",)  # base model: end at its answer
     c.eval.max_new_tokens = 512
     c.eval.batch_size = 16
     c.eval.every = 25

@@ -77,6 +77,7 @@ def get_config(arg: str = ""):
     c.sample.max_steps = 24
     c.train = common.sft_train_section("gemma")
     c.eval = common.eval_section(96)
+    c.eval.stop_strings = ("\nQuestion:",)  # base model: end at its answer
     c.eval.max_new_tokens = 320
   elif arg == "smoke":
     c.task.train_size, c.task.val_size, c.task.test_size = 16, 4, 4

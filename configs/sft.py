@@ -49,6 +49,7 @@ def get_config(arg: str = ""):
     c.task.val_size = 256  # held out of the train file when task.val_path is ''
     c.task.test_size = 0  # the whole test file
     c.eval = common.eval_section(96)  # thesis: maj@96 / pass@96 at T=0.7
+    c.eval.stop_strings = ("\nQuestion:",)  # base model: end at its answer
     c.eval.max_new_tokens = 512
     c.eval.batch_size = 16
   elif preset == "smoke":

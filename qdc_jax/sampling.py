@@ -39,6 +39,8 @@ class SamplingParams:
   # Ids >= this are never chosen (Kaggle Gemma tables have 128 rows past the tokenizer's
   # 256000); 0 = every id of the model's vocabulary.
   valid_vocab_size: int = 0
+  # Token sequences that end a row once generated (stop strings, encoded; see generate_text).
+  stop_sequences: tuple[tuple[int, ...], ...] = ()
 
   @property
   def stop_ids(self) -> tuple[int, ...]:
@@ -124,7 +126,8 @@ def sample(params, prompts_BxP: jax.Array, prompt_lengths_B: jax.Array, rng: jax
     tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, i))
     logps = jax.lax.dynamic_update_slice(logps, logp[:, None], (0, i))
     lengths = lengths + (~done).astype(jnp.int32)
-    done = done | jnp.isin(tok, jnp.asarray(sp.stop_ids, jnp.int32))
+    done = done | jnp.isin(tok, jnp.asarray(sp.stop_ids, jnp.int32)) | _ends_with_stop(
+        tokens, i, sp.stop_sequences)
     logits, cache = model.apply({"params": params}, tok[:, None], (start + i)[:, None],
                                 cache=cache)
     return i + 1, tokens, logps, lengths, done, logits[:, 0], cache
@@ -134,6 +137,25 @@ def sample(params, prompts_BxP: jax.Array, prompt_lengths_B: jax.Array, rng: jax
           jnp.zeros((rows,), jnp.bool_), last, cache)
   _, tokens, logps, lengths, _, _, _ = jax.lax.while_loop(cond, body, init)
   return SampleOutput(tokens, lengths, logps)
+
+
+def _ends_with_stop(tokens_BxN: jax.Array, i: jax.Array, stops) -> jax.Array:
+  """Rows whose generated tokens [.., i] end with one of the `stops` token sequences."""
+  hit = jnp.zeros(tokens_BxN.shape[:1], jnp.bool_)
+  for seq in stops:
+    n = len(seq)
+    if not n or n > tokens_BxN.shape[1]:
+      continue
+    start = jnp.maximum(i + 1 - n, 0)
+    tail = jax.lax.dynamic_slice_in_dim(tokens_BxN, start, n, axis=1)
+    hit = hit | ((i + 1 >= n) & jnp.all(tail == jnp.asarray(seq, jnp.int32)[None], axis=1))
+  return hit
+
+
+def truncate_at_stop(text: str, stop_strings: Sequence[str]) -> str:
+  """`text` up to (without) the first occurrence of any stop string."""
+  cut = min((j for j in (text.find(s) for s in stop_strings if s) if j >= 0), default=-1)
+  return text if cut < 0 else text[:cut]
 
 
 _JITTED: dict = {}
@@ -197,17 +219,26 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 1
 def generate_text(params, prompts: Sequence[str], *, model: transformer.Transformer, tokenizer,
                   sp: SamplingParams, rng: jax.Array, batch_size: int = 64, mesh=None,
                   rules=None, param_shardings=None, pad_multiple: int = 16,
-                  fixed_batch: bool = False) -> list[list[str]]:
+                  fixed_batch: bool = False, stop_strings: Sequence[str] = ()
+                  ) -> list[list[str]]:
   """Host convenience: K completions (text) for each prompt string.
 
   Prompts are encoded with BOS, grouped into batches of `batch_size` prompts (one sampler
   call each, K rows per prompt), and decoded up to EOS. Loops that call this every round keep
   one compiled shape with `fixed_batch=True` (always `batch_size` rows) and a coarse
   `pad_multiple` for the prompt length.
+
+  `stop_strings` end a row when generated (base models, which would otherwise run on and
+  invent the next "Question:"): decoding stops on the device once a row's tokens end with a
+  stop string's encoding, and each text is cut before the first stop string, so a stop
+  string that tokenises differently in context still ends the text exactly there.
   """
   # Model vocabularies are often padded past the tokenizer's; never sample those ids.
+  stop_strings = tuple(s for s in stop_strings if s)
   sp = dataclasses.replace(sp, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                           valid_vocab_size=sp.valid_vocab_size or tokenizer.vocab_size)
+                           valid_vocab_size=sp.valid_vocab_size or tokenizer.vocab_size,
+                           stop_sequences=tuple(sp.stop_sequences) + tuple(
+                               tuple(tokenizer.encode(s)) for s in stop_strings))
   if mesh is not None:
     rules = rules or sharding_lib.DEFAULT_RULES
   run = jit_sample(model, sp, mesh, rules, param_shardings)
@@ -231,5 +262,6 @@ def generate_text(params, prompts: Sequence[str], *, model: transformer.Transfor
     res = sharding_lib.to_host(run(params, toks, lens, jax.random.fold_in(rng, start)))
     for i in range(len(chunk)):
       rows = range(i * sp.num_samples, (i + 1) * sp.num_samples)
-      out.append([tokenizer.decode(res.tokens[r, :res.lengths[r]]) for r in rows])
+      out.append([truncate_at_stop(tokenizer.decode(res.tokens[r, :res.lengths[r]]),
+                                   stop_strings) for r in rows])
   return out

@@ -1,5 +1,7 @@
 """Sampler tests against naive references: a no-cache decode and a full forward pass."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -160,3 +162,30 @@ def test_valid_vocab_and_extra_stop_ids():
     assert not any(t in stops for t in row[:-1])
     stopped += row[-1] in stops
   assert stopped > 0
+
+
+def test_stop_strings_end_rows_on_device_and_cut_text():
+  """A model that always continues "ab" -> "c" -> ... : a stop string ends the row early on
+  the device (fewer tokens) and the returned text stops before it."""
+  from qdc_jax import tokenizers
+  tok = tokenizers.make_tokenizer("char", alphabet="abcdefgh")
+  cfg = configs.get_model_config("lab_tiny", vocab_size=tok.vocab_size + 2)
+  model = T.Transformer(cfg)
+  params = model.init(jax.random.PRNGKey(3), jnp.zeros((1, 8), jnp.int32))["params"]
+  sp = sampling.SamplingParams(max_new_tokens=24, greedy=True)
+  [[free]] = sampling.generate_text(params, ["ab"], model=model, tokenizer=tok, sp=sp,
+                                    rng=jax.random.PRNGKey(0))
+  assert len(free) >= 6, free  # runs on without a stop string
+  stop = free[2:4]
+  [[cut]] = sampling.generate_text(params, ["ab"], model=model, tokenizer=tok, sp=sp,
+                                   rng=jax.random.PRNGKey(0), stop_strings=[stop])
+  assert cut == free[:free.find(stop)]
+  # On the device: the row stops right after the stop sequence's last token.
+  ids = tuple(tok.encode(stop))
+  enc = np.asarray([tok.encode("ab", add_bos=True)], np.int32)
+  out = sampling.jit_sample(model, dataclasses.replace(
+      sp, eos_id=tok.eos_id, pad_id=tok.pad_id, stop_sequences=(ids,)))(
+          params, enc, np.asarray([enc.shape[1]], np.int32), jax.random.PRNGKey(0))
+  gen = tok.decode(np.asarray(out.tokens[0, :int(out.lengths[0])]))
+  assert gen.endswith(stop) and gen.find(stop) == len(gen) - len(stop), (gen, stop)
+  assert int(out.lengths[0]) < 24

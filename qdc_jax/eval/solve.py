@@ -18,11 +18,13 @@ from qdc_jax.eval import metrics
 def solve_and_score(params, prompts: Sequence[str], references: Sequence[Any], *, model,
                     tokenizer, k: int, temperature: float, max_new_tokens: int,
                     rng: jax.Array, ks: Sequence[int] = (1, 4, 16), batch_size: int = 64,
-                    mesh=None, rules=None, param_shardings=None) -> tuple[dict, dict]:
+                    mesh=None, rules=None, param_shardings=None,
+                    stop_strings: Sequence[str] = ()) -> tuple[dict, dict]:
   """Returns (metrics, outputs): metrics as `metrics.summarize` plus timing; outputs holds the
   greedy and sampled completions per prompt."""
   common = dict(model=model, tokenizer=tokenizer, mesh=mesh, rules=rules,
-                param_shardings=param_shardings, batch_size=batch_size)
+                param_shardings=param_shardings, batch_size=batch_size,
+                stop_strings=tuple(stop_strings))
   t0 = time.perf_counter()
   greedy = sampling.generate_text(
       params, prompts, sp=sampling.SamplingParams(max_new_tokens=max_new_tokens, greedy=True),

@@ -103,7 +103,8 @@ def rollouts(params, task: common.Task, *, policy: common.Policy, c, round_index
       params, prompts, model=policy.model, tokenizer=policy.tokenizer, sp=sp,
       rng=jax.random.fold_in(jax.random.PRNGKey(c.seed), round_index),
       batch_size=c.batch_size, mesh=mesh, rules=rules, param_shardings=policy.shardings,
-      pad_multiple=_prompt_pad(policy, prompts), fixed_batch=True)
+      pad_multiple=_prompt_pad(policy, prompts), fixed_batch=True,
+      stop_strings=tuple(c.get("stop_strings", ())))
 
 
 def train_config(tc, dataset, tokenizer):

@@ -70,7 +70,8 @@ def run(config, workdir: str) -> dict:
         params, prompts, refs, model=model, tokenizer=tokenizer, k=sc.k,
         temperature=sc.temperature, max_new_tokens=sc.max_new_tokens, ks=tuple(sc.ks),
         rng=jax.random.PRNGKey(config.seed), batch_size=sc.batch_size, mesh=mesh,
-        rules=rules, param_shardings=shardings)
+        rules=rules, param_shardings=shardings,
+        stop_strings=tuple(sc.get("stop_strings", ())))
     results[split] = m
     examples[split] = [{"prompt": p, "reference": r, "greedy": g, "samples": s[:4]}
                        for p, r, g, s in list(zip(prompts, refs, outs["greedy"],

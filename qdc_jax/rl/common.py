@@ -159,6 +159,9 @@ def eval_section(k: int = 16) -> ml_collections.ConfigDict:
   c.ks = (1, 4, k)  # pass@k / maj@k budgets
   c.batch_size = 64  # questions per sampler call (x k rows)
   c.seed = 0
+  # Texts that end a sample (base models: e.g. ("\nQuestion:",)); chat models stop at
+  # <end_of_turn> anyway.
+  c.stop_strings = ()
   return c
 
 
@@ -171,7 +174,8 @@ def evaluate(params, items: Sequence[Item], *, policy: Policy, ec, mesh, rules,
       tokenizer=policy.tokenizer, k=ec.k, temperature=ec.temperature,
       max_new_tokens=ec.max_new_tokens, ks=tuple(k for k in ec.ks if k <= ec.k),
       rng=jax.random.PRNGKey(ec.seed), batch_size=ec.batch_size, mesh=mesh, rules=rules,
-      param_shardings=param_shardings or policy.shardings)
+      param_shardings=param_shardings or policy.shardings,
+      stop_strings=tuple(ec.get("stop_strings", ())))
 
 
 def headline(m: dict, k: int) -> dict:
