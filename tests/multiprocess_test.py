@@ -40,8 +40,14 @@ def _port() -> int:
     return s.getsockname()[1]
 
 
+_CACHE = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"qdc_mp_jax_cache_{os.getpid()}")
+
+
 def _env(devices: int) -> dict:
   env = dict(os.environ)
+  # The kill and resume launches compile what the first 2-process run compiled: reuse it.
+  env.update(JAX_COMPILATION_CACHE_DIR=_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
