@@ -13,9 +13,9 @@ Commit rules (the atomic write lives here once):
     store a single object upload is already atomic (it appears whole or not at all), and a
     rename there is a copy, so the object is written in place.
   * A directory of several files (a model directory, an archive round): its files are written
-    first and a small marker file last (`commit_marker`); readers only trust a directory
-    whose marker exists. Deleting the marker first un-commits a directory about to be
-    replaced.
+    first and one small file last (a model directory's model.json, an archive round's record);
+    readers only trust what that last file vouches for, and deleting it first un-commits a
+    directory about to be replaced.
 """
 
 from __future__ import annotations
@@ -153,32 +153,6 @@ def rmtree(p: PathLike, *, sync: bool = True) -> None:
       d.rmtree()
   if sync:
     barrier(f"rmtree:{os.fspath(p)}")
-
-
-# -- directories committed by a marker -------------------------------------------------------
-
-MARKER = "COMMITTED"
-
-
-def commit_marker(directory: PathLike, *, sync: bool = True) -> None:
-  """Mark `directory` complete: call after every file in it is written (collective)."""
-  write_text(join(directory, MARKER), "ok\n", sync=sync)
-
-
-def uncommit(directory: PathLike, *, sync: bool = True) -> None:
-  """Remove the marker first, so a directory being replaced is never read half-new."""
-  if sync:
-    barrier(f"before-uncommit:{os.fspath(directory)}")
-  if is_writer():
-    m = epath.Path(join(directory, MARKER))
-    if m.exists():
-      m.unlink()
-  if sync:
-    barrier(f"uncommit:{os.fspath(directory)}")
-
-
-def is_committed(directory: PathLike) -> bool:
-  return epath.Path(join(directory, MARKER)).exists()
 
 
 class AppendWriter:
