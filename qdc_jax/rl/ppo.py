@@ -120,7 +120,8 @@ def split_params(policy_params: dict, spec: Spec, rng: jax.Array) -> tuple[dict,
 
 
 def policy_params(trainable: dict, frozen: dict, spec: Spec) -> dict:
-  """The full policy parameter tree (what the sampler and exports use)."""
+  """The full policy parameter tree (what the sampler and exports use). LoRA is merged into
+  plain weights here only; `forward` keeps it unmerged."""
   if spec.lora_rank:
     top = lora_lib.merge(frozen["top"], trainable["lora"], spec.lora_scale)
   else:
@@ -167,11 +168,21 @@ def forward(trainable: dict, frozen: dict, batch: dict, spec: Spec, *,
   n, f, b = cfg.num_layers, spec.frozen_layers, spec.branch
   tok, pos, seg = batch["inputs"], batch["positions"], batch["segment_ids"]
 
-  def run(params, first, last, hidden):
+  def blocks(params, tok, pos, seg, hidden, *, first, last):
     return model.apply({"params": params}, tok, pos, seg, layers=(first, last),
                        hidden_BxTxD=hidden)[0]
 
-  pp = policy_params(trainable, frozen, spec)
+  # With LoRA the policy is the frozen base with its adapted matmuls computed unmerged,
+  # x @ W + scale * (x @ a) @ b: no full-size W + a @ b (or its gradient) is ever built.
+  lora = trainable.get("lora") if spec.lora_rank else None
+  pp = reference_params(frozen) if lora is not None else policy_params(trainable, frozen, spec)
+
+  def run(params, first, last, hidden, adapted=True):
+    fn = functools.partial(blocks, first=first, last=last)
+    if lora is None or not adapted or last <= f:  # no adapted block runs
+      return fn(params, tok, pos, seg, hidden)
+    return lora_lib.apply(fn, params, lora, spec.lora_scale, tok, pos, seg, hidden)
+
   h_f = h_b = None
   if f:  # the shared frozen bottom, run once
     if b < f:
@@ -189,7 +200,7 @@ def forward(trainable: dict, frozen: dict, batch: dict, spec: Spec, *,
   out["logp"], out["entropy"] = _token_logp(logits, batch["targets"])
   out["values"] = heads.ValueBranch(cfg, b).apply({"params": trainable["value"]}, h_b, pos, seg)
   if with_reference:
-    ref_logits = run(reference_params(frozen), f, n, h_f)
+    ref_logits = run(reference_params(frozen), f, n, h_f, adapted=False)
     out["ref_logp"], _ = _token_logp(jax.lax.stop_gradient(ref_logits), batch["targets"])
   return out
 
