@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from qdc_jax import chat
 from qdc_jax.data import arith
 from qdc_jax.sparq import agents, loop, skills
 from qdc_jax.sparq.archive import Archive
@@ -76,6 +77,119 @@ def test_resume_in_process_equals_uninterrupted(tmp_path):
   resumed, student, _ = _run(tmp_path / "b", "dynamic_diverse", rounds=4)
   assert len(student.calls) == 2  # only the missing rounds ran
   assert [i.to_json() for i in resumed] == [i.to_json() for i in full]
+
+
+class FakeAnnotatorLM:
+  """Stands in for an instruction-tuned annotator model (`agents.LM`); records its prompts.
+
+  Behaves as real models do: asked free-form, it names skills its own way, and not the same
+  way twice (the seed set in its words, any later problem in others, which are then unknown
+  skills); offered a list, it picks the listed skills the problem needs (its oracle skills),
+  writing them with stray case and whitespace.
+  """
+
+  def __init__(self, seed_questions):
+    self.seed_questions, self.prompts = set(seed_questions), []
+
+  def generate(self, prompts, *, k, temperature, max_new_tokens, rng, batch_size):
+    del temperature, max_new_tokens, rng, batch_size
+    assert k == 1
+    self.prompts.extend(prompts)
+    return [[self._reply(p) + chat.END_OF_TURN] for p in prompts]
+
+  def _reply(self, prompt):
+    offered, question = _annotator_prompt_parts(prompt)
+    names = [s.replace("_", " ") for s in arith.oracle(question, None).skills]
+    picked = [n for n in names if n in offered]
+    if picked:
+      return ", ".join(f"  {n.upper()}  " if i % 2 else n.title().replace(" ", "   ")
+                       for i, n in enumerate(picked))
+    if question in self.seed_questions:
+      return ", ".join(n.title() for n in names)
+    return ", ".join(f"working with {n}" for n in names)
+
+
+def _annotator_prompt_parts(prompt):
+  """(the instructions, with any offered skills, lower-cased; the problem)."""
+  head, body = prompt.split("\n\nProblem:\n", 1)
+  question = body.split("\n\nSolution:\n", 1)[0].split(chat.END_OF_TURN, 1)[0]
+  return head.lower(), question.strip()
+
+
+def _run_lm_annotated(workdir, rounds):
+  """Lab roles except the annotator: an `agents.LMAnnotator` over a fresh FakeAnnotatorLM."""
+  c = sparq_config.get_config("smoke")
+  c.sparq.strategy, c.sparq.rounds = "dynamic_diverse", rounds
+  seeds = [loop.Seed(p.text, p.solution, str(p.answer))
+           for p in arith.make_split("in_dist", 32, 0)]
+  lm = FakeAnnotatorLM([s.question for s in seeds])
+  annotator = agents.LMAnnotator(lm, k=c.sparq.max_skills_per_problem)
+  roles = loop.Roles(agents.ProgrammaticGenerator(), CountingStudent(), annotator)
+  archive = Archive(str(workdir))
+  items = loop.run_rounds(archive, seeds, roles, c.sparq)
+  vocab = skills.SkillVocabulary.from_json(archive.load_state(0)["vocabulary"])
+  assert annotator.vocabulary is None  # the caller's annotator is left free-form
+  return items, vocab, lm, c.sparq
+
+
+def _expected_skill_set(question, vocab, k):
+  # Independent of SkillVocabulary: the oracle's skills in the vocabulary, k most common.
+  names = [s.replace("_", " ") for s in arith.oracle(question, None).skills]
+  known = sorted((vocab.skills.index(n) for n in names if n in vocab.skills))[:k]
+  return tuple(sorted(vocab.skills[i] for i in known))
+
+
+def _check_children(items, lm, vocab, sc, rounds):
+  children = [it for it in items if it.round in rounds and not it.parse_error]
+  assert children
+  child_prompts = [p for p in lm.prompts if _annotator_prompt_parts(p)[1] not in
+                   lm.seed_questions]
+  assert len(child_prompts) == len(children)
+  for prompt in child_prompts:  # every child's prompt offers every vocabulary skill
+    offered = _annotator_prompt_parts(prompt)[0]
+    assert all(f"- {s}\n" in offered + "\n" for s in vocab.skills)
+  for it in children:  # replies naming listed skills, in any case and spacing, are known
+    assert it.skill_set and it.skill_set == _expected_skill_set(it.question, vocab,
+                                                                 sc.max_skills_per_problem)
+
+
+def test_lm_annotator_labels_children_with_the_seed_vocabulary(tmp_path):
+  items, vocab, lm, sc = _run_lm_annotated(tmp_path / "run", rounds=2)
+  # The vocabulary is the seeds' free-form names (the fake's spelling, normalised).
+  assert set(vocab.skills) == {s.replace("_", " ") for it in items if it.round == 0
+                               for s in arith.oracle(it.question, None).skills}
+  seed_prompts = lm.prompts[:32]
+  assert [_annotator_prompt_parts(p)[1] for p in seed_prompts] == [
+      it.question for it in items if it.round == 0]
+  for prompt in seed_prompts:  # round 0 stays free-form: that is what builds the vocabulary
+    assert not any(s in _annotator_prompt_parts(prompt)[0] for s in vocab.skills)
+  assert all(it.skill_set for it in items if it.round == 0)
+  _check_children(items, lm, vocab, sc, rounds={1, 2})
+  children = [it for it in items if it.round > 0]
+  assert skills.coverage(it.skill_set for it in children) > 1
+
+
+def test_lm_annotator_after_resume_gets_the_restored_vocabulary(tmp_path):
+  full, _, _, _ = _run_lm_annotated(tmp_path / "full", rounds=2)
+  _, vocab, first_lm, _ = _run_lm_annotated(tmp_path / "resumed", rounds=1)  # killed here
+  # A new process: a fresh annotator that has never seen the seeds.
+  items, vocab_after, lm, sc = _run_lm_annotated(tmp_path / "resumed", rounds=2)
+  assert vocab_after == vocab
+  assert len(first_lm.prompts) == 32 + 8 and len(lm.prompts) == 8  # only round 2 is annotated
+  _check_children(items, lm, vocab, sc, rounds={2})
+  assert [i.to_json() for i in items] == [i.to_json() for i in full]
+
+
+def test_annotators_with_vocabulary():
+  vocab = skills.SkillVocabulary(skills=("addition", "large numbers"), counts=(2, 1))
+  free = agents.LMAnnotator(lm=None, k=2)
+  given = free.with_vocabulary(vocab)
+  assert given.vocabulary == ("addition", "large numbers") and free.vocabulary is None
+  assert (given.lm, given.k) == (free.lm, free.k)
+  oracle = skills.OracleAnnotator()
+  assert oracle.with_vocabulary(vocab) is oracle
+  assert isinstance(given, skills.SkillAnnotator) and isinstance(oracle, skills.SkillAnnotator)
+  assert given.annotate([]) == []
 
 
 def _sparq_cmd(workdir):

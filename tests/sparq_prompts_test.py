@@ -20,8 +20,19 @@ def test_prompts_are_single_user_turns():
     assert "What is 2+3?" in prompt
   assert "Problem: <the new problem>" in P.generator_prompt("q")
   assert "\\boxed{}" in P.student_prompt("q")
-  assert "addition, counting" in P.annotator_prompt("q", vocabulary=["addition", "counting"])
   assert "at most 3 skills" in P.annotator_prompt("q")
+
+
+def test_annotator_prompt_offers_the_vocabulary_or_asks_free_form():
+  vocab = ["addition", "large numbers", "multi step"]
+  offered = P.annotator_prompt("What is 2+3?", "2+3=5", vocabulary=vocab, k=2)
+  head, problem = offered.split("\n\nProblem:\n")
+  assert "at most 2 skills from the list" in head
+  assert head.endswith("Skills:\n- addition\n- large numbers\n- multi step")
+  assert problem.startswith("What is 2+3?\n\nSolution:\n2+3=5")
+  for free in (P.annotator_prompt("What is 2+3?"), P.annotator_prompt("q", vocabulary=[])):
+    head = free.split("\n\nProblem:\n")[0]
+    assert "one to four words" in head and "Skills:" not in head and "addition" not in head
 
 
 def test_annotator_reply():

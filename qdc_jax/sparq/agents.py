@@ -20,6 +20,7 @@ from qdc_jax import chat
 from qdc_jax import sampling
 from qdc_jax.data import arith, lab_tasks
 from qdc_jax.sparq import prompts as sparq_prompts
+from qdc_jax.sparq import skills as skills_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,14 +121,24 @@ class LMStudent:
 
 @dataclasses.dataclass
 class LMAnnotator:
-  """Skills named by an instruction-tuned model (the thesis used Gemma-2-9b-it)."""
+  """Skills named by an instruction-tuned model (the thesis used Gemma-2-9b-it).
+
+  Without a vocabulary the model names skills free-form (how the seed set's skills are found);
+  `with_vocabulary` gives the annotator that picks from the seed set's M most common skills,
+  which is what the SPARQ loop uses for every later problem.
+  """
   lm: LM
   vocabulary: Optional[Sequence[str]] = None
   k: int = 3
   max_new_tokens: int = 48
   batch_size: int = 64
 
+  def with_vocabulary(self, vocabulary: skills_lib.SkillVocabulary) -> LMAnnotator:
+    return dataclasses.replace(self, vocabulary=tuple(vocabulary.skills))
+
   def annotate(self, questions, solutions=None):
+    if not questions:
+      return []
     solutions = solutions or [None] * len(questions)
     texts = [sparq_prompts.annotator_prompt(q, s, vocabulary=self.vocabulary, k=self.k)
              for q, s in zip(questions, solutions)]

@@ -33,7 +33,9 @@ del strategies  # imported for its registry side effect
 class Roles:
   generator: Any  # agents.Generator
   student: Any  # agents.Student
-  annotator: Any  # skills.SkillAnnotator
+  # skills.SkillAnnotator as built, naming skills free-form: the loop annotates the seeds with
+  # it and everything later with `annotator.with_vocabulary(<the seed vocabulary>)`.
+  annotator: Any
   # Lab only: the oracle's verdict on (question, intended answer); None elsewhere.
   validity: Optional[Callable[[str, Optional[str]], Optional[bool]]] = None
 
@@ -63,7 +65,7 @@ def fingerprint(seeds: Sequence[Seed], sc) -> str:
 
 def init_archive(archive: Archive, seeds: Sequence[Seed], roles: Roles, sc
                  ) -> skills_lib.SkillVocabulary:
-  """Round 0: annotate the seed set, build the skill vocabulary and the initial W."""
+  """Round 0: annotate the seed set (free-form), build the skill vocabulary and the initial W."""
   raw = roles.annotator.annotate([s.question for s in seeds], [s.solution for s in seeds])
   vocab = skills_lib.SkillVocabulary.from_seed(raw, m=sc.num_skills)
   sets, counter = skills_lib.skill_sets_of(vocab, raw, k=sc.max_skills_per_problem)
@@ -95,7 +97,12 @@ def run_rounds(archive: Archive, seeds: Sequence[Seed], roles: Roles, sc, *,
                      f"or another seed set (only sparq.rounds may change on resume): use a "
                      f"fresh --workdir, or the settings it was made with")
   state = strategy.state_from_json(saved["strategy_state"])
+  # Round 0's vocabulary, whether made just now or by the run being resumed: from here on the
+  # annotator labels with its skills (thesis 4.3.1) instead of naming new ones.
   vocab = skills_lib.SkillVocabulary.from_json(archive.load_state(0)["vocabulary"])
+  if len(vocab) == 0:
+    logging.warning("The seed annotations name no skill: every skill-set will be empty.")
+  annotator = roles.annotator.with_vocabulary(vocab)
   stats = sparq_metrics.ArchiveStats.from_json(saved["stats"])
   counter = skills_lib.SkillCounter.from_json(saved["skill_counter"])
   items = {it.id: it for it in archive.iter_items()}
@@ -115,8 +122,8 @@ def run_rounds(archive: Archive, seeds: Sequence[Seed], roles: Roles, sc, *,
     solutions = roles.student.solve([children[i].question for i in readable], sc.k,
                                     jax.random.fold_in(key, 2 * r + 1))
     t_solve = time.perf_counter() - t0
-    raw_skills = roles.annotator.annotate([children[i].question for i in readable],
-                                          [children[i].solution for i in readable])
+    raw_skills = annotator.annotate([children[i].question for i in readable],
+                                    [children[i].solution for i in readable])
     sets, counter = skills_lib.skill_sets_of(vocab, raw_skills, k=sc.max_skills_per_problem,
                                              counter=counter)
     verdicts = {i: (sol, st) for i, sol, st in zip(readable, solutions, sets)}

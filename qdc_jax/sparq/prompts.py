@@ -43,8 +43,13 @@ STUDENT_INSTRUCTIONS = (
     "Solve the following math problem step by step. Put your final answer in \\boxed{}.")
 
 ANNOTATOR_INSTRUCTIONS = (
-    "Which mathematical skills are needed to solve the problem below? Name at most {k} "
-    "skills{source}. Reply with the skill names separated by commas and nothing else.")
+    "Which mathematical skills are needed to solve the problem below? {choose} Reply with the "
+    "skill names separated by commas and nothing else.")
+ANNOTATOR_FREE_FORM = (
+    "Name at most {k} skills (short names of one to four words, e.g. 'linear equations').")
+ANNOTATOR_FROM_VOCABULARY = (
+    "Pick at most {k} skills from the list of skills below, copying their names exactly as "
+    "written.")
 
 # Replies longer than this are not problems; reading them is refused, not attempted.
 MAX_REPLY_CHARS = 50_000
@@ -73,18 +78,19 @@ def annotator_prompt(question: str, solution: Optional[str] = None,
   Args:
     question: The problem.
     solution: Its solution, if known (helps name the skills actually used).
-    vocabulary: The allowed skills (the seed set's M most common); None asks for free-form
-      short names, which is how the seed set's own skills are found.
+    vocabulary: The allowed skills (the seed set's M most common), listed one per line for
+      the model to pick from; None (or empty) asks for free-form short names, which is how
+      the seed set's own skills are found.
     k: Most skills to name.
 
   Returns:
     The prompt.
   """
   if vocabulary:
-    source = (", copied exactly from this list: " + ", ".join(vocabulary))
+    text = ANNOTATOR_INSTRUCTIONS.format(choose=ANNOTATOR_FROM_VOCABULARY.format(k=k))
+    text += "\n\nSkills:\n" + "\n".join(f"- {skill}" for skill in vocabulary)
   else:
-    source = " (short names of one to four words, e.g. 'linear equations')"
-  text = ANNOTATOR_INSTRUCTIONS.format(k=k, source=source)
+    text = ANNOTATOR_INSTRUCTIONS.format(choose=ANNOTATOR_FREE_FORM.format(k=k))
   text += f"\n\nProblem:\n{question.strip()}"
   if solution:
     text += f"\n\nSolution:\n{solution.strip()}"

@@ -266,11 +266,24 @@ def div(skill_sets: Iterable[Sequence[str]]) -> int:
 
 @runtime_checkable
 class SkillAnnotator(Protocol):
-  """Names the skills each problem (with its solution, where known) needs."""
+  """Names the skills each problem (with its solution, where known) needs.
+
+  Two phases (thesis 4.3.1): the seed set is annotated free-form, and its M most common skills
+  become the vocabulary; every later problem is labelled with skills from that vocabulary.
+  The SPARQ loop therefore annotates the seeds with the annotator it is given, and everything
+  after with `annotator.with_vocabulary(vocabulary)`, on a fresh run and on a resume alike.
+  """
 
   def annotate(self, questions: Sequence[str],
                solutions: Sequence[Optional[str]]) -> list[list[str]]:
     """One list of raw skill names per question (possibly empty; never raises)."""
+    ...
+
+  def with_vocabulary(self, vocabulary: SkillVocabulary) -> SkillAnnotator:
+    """This annotator choosing its skills from `vocabulary`; `self` is left as it was.
+
+    Annotators whose names never vary (the oracle) return themselves.
+    """
     ...
 
 
@@ -289,6 +302,10 @@ class OracleAnnotator:
     del solutions  # The question's tree determines its skills.
     return [list(arith.oracle(q, None).skills) if isinstance(q, str) else []
             for q in questions]
+
+  def with_vocabulary(self, vocabulary: SkillVocabulary) -> OracleAnnotator:
+    del vocabulary  # Exact names; the seed vocabulary was made from these very names.
+    return self
 
 
 # ---------------------------------------------------------------------------
