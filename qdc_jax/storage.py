@@ -25,7 +25,12 @@ import os
 from typing import Any, Iterable, Optional, Union
 
 import jax
-from etils import epath
+
+# gs:// through gcsfs (epath's fsspec backend), the path the tests run against an emulator,
+# also where TensorFlow is installed (epath would pick tf.io.gfile there). Set
+# EPATH_USE_TF=true to have gfile instead. Read when the first gs:// path is used.
+os.environ.setdefault("EPATH_USE_TF", "false")
+from etils import epath  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 PathLike = Union[str, os.PathLike, epath.Path]
 

@@ -101,7 +101,7 @@ def runs(tmp_path_factory):
   one, two = str(root / "one"), str(root / "two")
   p1, l1 = _launch(_driver(one), 1, str(root), "one")
   p2, l2 = _launch(_driver(two), 2, str(root), "two")
-  _wait(p1 + p2, l1 + l2, timeout=900)
+  _wait(p1 + p2, l1 + l2, timeout=2400)
   return one, two, str(root)
 
 
@@ -230,7 +230,7 @@ def _kill_then_resume(runs, spec, ready):
   one, _, root = runs
   workdir = os.path.join(root, "kill_" + os.path.basename(spec).split(".")[0])
   procs, logs = _launch(_main_cmd(spec, workdir), 2, root, "kill")
-  deadline = time.time() + 400
+  deadline = time.time() + 1200
   while not ready(workdir):
     assert time.time() < deadline, open(logs[0]).read()[-3000:]
     assert procs[0].poll() is None, f"finished before the kill:\n{open(logs[0]).read()[-2000:]}"
@@ -245,7 +245,7 @@ def _kill_then_resume(runs, spec, ready):
   assert procs[0].returncode != 0
   waited = time.time() - t0
   procs, logs = _launch(_main_cmd(spec, workdir), 2, root, "resume")
-  _wait(procs, logs, timeout=400)
+  _wait(procs, logs, timeout=1200)
   return workdir, _workdir(one, spec), waited
 
 
