@@ -79,6 +79,13 @@ def load_model(directory: str, *, mesh=None, rules=None):
   if tok_meta.get("kind") == "char":
     tok = tokenizers.make_tokenizer("char", alphabet=tok_meta["alphabet"])
   elif tok_meta.get("kind") == "sentencepiece":
-    tok = tokenizers.make_tokenizer("sentencepiece", model_path=tok_meta["path"])
+    tok_path = tok_meta["path"]
+    # Relative: a file inside the directory (gemma_io convert copies it there), so the
+    # directory can move or live in gs://; resolved in meta too, so re-exports still find it.
+    if storage.is_local(tok_path) and not os.path.isabs(tok_path) and storage.exists(
+        storage.join(directory, tok_path)):
+      tok_path = storage.join(directory, tok_path)
+      meta["tokenizer"] = {**tok_meta, "path": tok_path}
+    tok = tokenizers.make_tokenizer("sentencepiece", model_path=tok_path)
   shardings = jax.tree.map(lambda a: a.sharding, abstract)
   return cfg, params, tok, meta, shardings

@@ -5,6 +5,8 @@ import pytest
 from qdc_jax import chat, registry, sampling, tokenizers
 from qdc_jax.data import arith
 
+import tiny_gemma  # tests/tiny_gemma.py  # pylint: disable=g-bad-import-order
+
 # ----------------------------------------------------------------------------- formatting
 
 
@@ -105,34 +107,17 @@ def test_char_tokenizer_stop_ids():
 
 # ----------------------------------------------------------------------------- sentencepiece
 
-_SP_TEXT = """\
-Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.
-How many clips did Natalia sell altogether in April and May? The answer is 72.
-Weng earns 12 dollars an hour for babysitting. Yesterday, she did 50 minutes of babysitting.
-Betty is saving money for a new wallet which costs 100 dollars. What is 3 + 4 * (5 - 2)?
-You are a careful tutor. Solve the problem step by step. Digits: 0 1 2 3 4 5 6 7 8 9.
-"""
 
-
-def _train_sp(tmp_path, user_defined_symbols, name="chat"):
-  spm = pytest.importorskip("sentencepiece")
-  corpus = tmp_path / f"{name}.txt"
-  corpus.write_text(_SP_TEXT * 20)
-  prefix = str(tmp_path / name)
-  # Gemma-like: pad/eos/bos/unk = 0/1/2/3, no normalization, no dummy prefix. "\n" is a piece
-  # of its own (as in Gemma's vocabulary): the trainer reads line by line, never seeing it.
-  spm.SentencePieceTrainer.train(
-      input=str(corpus), model_prefix=prefix, vocab_size=96, model_type="unigram",
-      character_coverage=1.0, pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>",
-      eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
-      user_defined_symbols=user_defined_symbols, normalization_rule_name="identity",
-      remove_extra_whitespaces=False, add_dummy_prefix=False, minloglevel=2)
-  return tokenizers.SentencePieceTokenizer(prefix + ".model")
+def _train_sp(tmp_path, **kwargs):
+  """tests/tiny_gemma.py's tokenizer: Gemma's ids (pad/eos/bos/unk = 0/1/2/3, <start_of_turn>
+  106, <end_of_turn> 107, "\\n" 108), no normalization."""
+  pytest.importorskip("sentencepiece")
+  return tokenizers.SentencePieceTokenizer(tiny_gemma.make_tokenizer(tmp_path, **kwargs))
 
 
 @pytest.fixture(scope="module")
 def sp_tok(tmp_path_factory):
-  return _train_sp(tmp_path_factory.mktemp("sp"), ["<start_of_turn>", "<end_of_turn>", "\n"])
+  return _train_sp(tmp_path_factory.mktemp("sp"))
 
 
 def test_sp_special_ids_as_trained(sp_tok):
@@ -163,7 +148,7 @@ def test_sp_turn_tokens_are_single_ids_in_prompt(sp_tok):
 def test_sp_chat_stop_ids(sp_tok):
   eot = sp_tok.piece_to_id("<end_of_turn>")
   assert chat.chat_stop_ids(sp_tok) == (eot, sp_tok.eos_id)
-  assert chat.get_prompt_format("gemma_chat").stop_ids(sp_tok) == (eot, 1)
+  assert chat.get_prompt_format("gemma_chat").stop_ids(sp_tok) == (eot, 1) == (107, 1)
   tokens = chat.ChatTokens.from_tokenizer(sp_tok)
   assert tokens.start_of_turn_id == sp_tok.piece_to_id("<start_of_turn>")
   sp = sampling.SamplingParams(max_new_tokens=4, extra_stop_ids=chat.chat_stop_ids(sp_tok))
@@ -180,7 +165,7 @@ def test_sp_reply_round_trip(sp_tok):
 
 
 def test_sp_without_turn_pieces_errors(tmp_path):
-  tok = _train_sp(tmp_path, ["\n"], name="noturn")
+  tok = _train_sp(tmp_path, name="noturn", vocab_size=96, user_defined_symbols=["\n"])
   with pytest.raises(ValueError, match="has no '<start_of_turn>' piece"):
     chat.chat_stop_ids(tok)
 

@@ -17,6 +17,8 @@ from qdc_jax import sampling, sharding  # pylint: disable=g-import-not-at-top
 from qdc_jax.models import configs, gemma_io
 from qdc_jax.models import transformer as T
 
+import tiny_gemma  # tests/tiny_gemma.py  # pylint: disable=g-bad-import-order
+
 SEQ = 24  # longer than the sliding window (8), so local layers really are local
 
 
@@ -168,51 +170,8 @@ def _gelu(x):
   return np.asarray(jax.nn.gelu(jnp.asarray(x)))
 
 
-def _kaggle_tree(cfg, *, fused, nested, seed=0):
-  """Random arrays in the Kaggle layout; flat (as released) or nested (gemma save_params)."""
-  rng = np.random.default_rng(seed)
-  d, n, k, h, f, v = (cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.d_ff,
-                      cfg.vocab_size)
-
-  def r(*shape):
-    return rng.normal(size=shape).astype(np.float32)
-
-  flat = {"embedder/input_embedding": r(v, d), "final_norm/scale": r(d)}
-  for i in range(cfg.num_layers):
-    p = f"layer_{i}/"
-    if fused:
-      flat[p + "attn/qkv_einsum/w"] = r(3, n, d, h)
-    else:
-      flat[p + "attn/q_einsum/w"] = r(n, d, h)
-      flat[p + "attn/kv_einsum/w"] = r(2, k, d, h)
-    flat[p + "attn/attn_vec_einsum/w"] = r(n, h, d)
-    flat[p + "mlp/gating_einsum/w"] = r(2, f, d)
-    flat[p + "mlp/linear/w"] = r(f, d)
-    for norm in ("pre_attention_norm", "post_attention_norm", "pre_ffw_norm", "post_ffw_norm"):
-      flat[p + norm + "/scale"] = r(d)
-  if not nested:  # 'transformer/<module path>' -> {param: array}
-    tree = {}
-    for key, x in flat.items():
-      module, param = key.rsplit("/", 1)
-      tree.setdefault("transformer/" + module, {})[param] = x
-    return flat, tree
-  tree = {}
-  for key, x in flat.items():
-    parts = key.split("/")
-    if parts[-2] in ("gating_einsum", "linear"):  # the nested layout has no 'w' under mlp
-      parts = parts[:-1]
-    node = tree
-    for part in parts[:-1]:
-      node = node.setdefault(part, {})
-    node[parts[-1]] = x
-  return flat, tree
-
-
-def _save_orbax(tree, path):
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  ckpt = ocp.PyTreeCheckpointer()
-  ckpt.save(str(path), tree)
-  return str(path)
+_kaggle_tree = tiny_gemma.kaggle_tree
+_save_orbax = tiny_gemma.save_orbax
 
 
 def _check_kaggle_semantics(cfg, flat, params, fused):

@@ -13,6 +13,22 @@ samples instead of greedy, `--chat` wraps prompts in Gemma chat turns and stops 
   cfg, params = gemma_io.load_gemma("/ckpts/gemma-2-2b", mesh=mesh)   # format auto-detected
   run = sampling.jit_sample(transformer.Transformer(cfg), sp, mesh, rules, shardings)
 
+Convert once into the model directory that every experiment loads (`model_io.load_model`;
+give it as the config's model directory, e.g. --config.model_dir= / init_from= / policy=):
+
+  python -m qdc_jax.models.gemma_io convert --checkpoint=/ckpts/gemma-2-2b \
+      --tokenizer=/ckpts/gemma-2-2b/tokenizer.model --out=gs://bucket/models/gemma2_2b
+
+Either format; `--model=gemma2_2b` names the config (default: config.json, or for Kaggle the
+named config with the stored shapes), `--dtype=bfloat16` casts (default: the stored dtype,
+so logits are the checkpoint's), `--mesh=1,1,8` loads sharded. The directory holds params/,
+model.json and a copy of the tokenizer as tokenizer.model, which model.json names relative
+to the directory, so it can be moved or copied to gs://. The tokenizer is checked first: it
+may have fewer pieces than the table has rows (Kaggle: 256128 rows, 256000 pieces) but not
+more, and its pad/eos/bos ids must be the checkpoint's (HF: config.json's; Kaggle: Gemma's
+0/1/2) and <start_of_turn>/<end_of_turn> must be 106/107; otherwise it names the mismatch.
+From Python: `gemma_io.convert(checkpoint, tokenizer, out)`.
+
 Layouts, ours <- Hugging Face (torch Linear weights are [out, in]) <- Kaggle (gemma library):
 
   embedding [V, D]    <- model.embed_tokens.weight [V, D] <- embedder/input_embedding [V, D]
@@ -738,33 +754,22 @@ def _infer_kaggle_config(stored: Mapping[str, tuple], path: str, **overrides
                    f"vocab {v}); pass config_name= (see qdc_jax.models.configs).")
 
 
-def load_gemma(path: str, *, config_name: Optional[str] = None, format: str = "auto",
-               mesh: Optional[jax.sharding.Mesh] = None, rules: Optional[Sequence] = None,
-               overrides: Optional[Mapping[str, Any]] = None
-               ) -> tuple[transformer.ModelConfig, PyTree]:
-  """Config and params of a Gemma-2 checkpoint in one call, sharded over `mesh` if given.
-
-  Args:
-    path: HF directory / .safetensors file, or a Kaggle orbax directory.
-    config_name: a name in `configs.CONFIGS`; None reads the HF config.json, or for Kaggle
-      picks the named config with the stored shapes. For HF, a name whose fields disagree
-      with config.json raises. For Kaggle the vocabulary size always comes from the stored
-      table (256128 rows, padded).
-    format: 'auto', 'hf' or 'kaggle'.
-    mesh: shard with `rules` (default `sharding.DEFAULT_RULES`); None: one device.
-    rules: logical-axis rules for `mesh`.
-    overrides: ModelConfig fields to set, e.g. {'param_dtype': 'bfloat16', 'dtype': 'bfloat16'}.
-
-  Returns:
-    (cfg, params).
-  """
-  path = _require(path)
-  overrides = dict(overrides or {})
+def _format(path: str, format: str) -> str:  # pylint: disable=redefined-builtin
   fmt = _detect_format(path) if format == "auto" else format
   if fmt not in ("hf", "kaggle"):
     raise ValueError(f"format={format!r}; choose 'auto', 'hf' or 'kaggle'")
+  return fmt
+
+
+def _hf_json(path: str) -> str:
+  return os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "config.json")
+
+
+def _resolve_config(path: str, fmt: str, config_name: Optional[str],
+                    overrides: dict[str, Any]) -> transformer.ModelConfig:
+  """The config `load_gemma` loads `path` into (see its `config_name`)."""
   if fmt == "hf":
-    hf_json = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "config.json")
+    hf_json = _hf_json(path)
     from_file = None
     if os.path.exists(hf_json):
       with open(hf_json) as fh:
@@ -791,9 +796,170 @@ def load_gemma(path: str, *, config_name: Optional[str] = None, format: str = "a
     table = stored.get("embedder/input_embedding")
     if table and "vocab_size" not in overrides:
       cfg = cfg.replace(vocab_size=table[0][0])
+  return cfg
+
+
+def load_gemma(path: str, *, config_name: Optional[str] = None, format: str = "auto",
+               mesh: Optional[jax.sharding.Mesh] = None, rules: Optional[Sequence] = None,
+               overrides: Optional[Mapping[str, Any]] = None
+               ) -> tuple[transformer.ModelConfig, PyTree]:
+  """Config and params of a Gemma-2 checkpoint in one call, sharded over `mesh` if given.
+
+  Args:
+    path: HF directory / .safetensors file, or a Kaggle orbax directory.
+    config_name: a name in `configs.CONFIGS`; None reads the HF config.json, or for Kaggle
+      picks the named config with the stored shapes. For HF, a name whose fields disagree
+      with config.json raises. For Kaggle the vocabulary size always comes from the stored
+      table (256128 rows, padded).
+    format: 'auto', 'hf' or 'kaggle'.
+    mesh: shard with `rules` (default `sharding.DEFAULT_RULES`); None: one device.
+    rules: logical-axis rules for `mesh`.
+    overrides: ModelConfig fields to set, e.g. {'param_dtype': 'bfloat16', 'dtype': 'bfloat16'}.
+
+  Returns:
+    (cfg, params).
+  """
+  path = _require(path)
+  fmt = _format(path, format)
+  cfg = _resolve_config(path, fmt, config_name, dict(overrides or {}))
   shardings = param_shardings(cfg, mesh, rules) if mesh is not None else None
   load = params_from_hf_safetensors if fmt == "hf" else params_from_kaggle_orbax
   return cfg, load(path, cfg, shardings=shardings, config_name=config_name)
+
+
+# ------------------------------------------------------------------------------ convert
+
+# Gemma's SentencePiece ids, the ones every Gemma(-2) checkpoint was trained with. HF's
+# config.json repeats pad/eos/bos (eos may be a list: the -it models add <end_of_turn>);
+# Kaggle checkpoints carry no ids. `chat` looks the turn pieces up by name, so a tokenizer
+# with them elsewhere would feed the model a different token than it was tuned on.
+GEMMA_SPECIAL_IDS = {"pad": 0, "eos": 1, "bos": 2}
+GEMMA_TURN_IDS = {"<start_of_turn>": 106, "<end_of_turn>": 107}
+TOKENIZER_FILE = "tokenizer.model"  # the copy inside a converted model directory
+
+
+def _expected_ids(path: str, fmt: str) -> tuple[dict[str, tuple[int, ...]], str]:
+  """({'pad'|'eos'|'bos': allowed ids}, where they come from) for a checkpoint."""
+  want = {name: (i,) for name, i in GEMMA_SPECIAL_IDS.items()}
+  if fmt != "hf" or not os.path.exists(_hf_json(path)):
+    return want, "Gemma's tokenizer"
+  with open(_hf_json(path)) as fh:
+    hf = json.load(fh)
+  for name in want:
+    ids = hf.get(f"{name}_token_id")
+    if ids is not None:
+      want[name] = tuple(ids) if isinstance(ids, (list, tuple)) else (ids,)
+  return want, _hf_json(path)
+
+
+def check_tokenizer(tok: Any, cfg: transformer.ModelConfig, checkpoint: str, *,
+                    format: str = "auto") -> None:  # pylint: disable=redefined-builtin
+  """Refuses a tokenizer whose ids do not fit the checkpoint.
+
+  Fine: a table with rows past the tokenizer (Kaggle: 256128 rows, 256000 pieces). Refused:
+  more pieces than rows, and pad/eos/bos ids other than the checkpoint's (HF: its config.json;
+  Kaggle: Gemma's 0/1/2), and `<start_of_turn>` / `<end_of_turn>` missing or not at 106 / 107.
+
+  Args:
+    tok: a `tokenizers.SentencePieceTokenizer`.
+    cfg: the config the checkpoint loads into (its `vocab_size` is the table's rows).
+    checkpoint: the checkpoint path (HF: config.json is read next to it).
+    format: 'auto', 'hf' or 'kaggle'.
+
+  Raises:
+    ValueError: every mismatch listed, and the fix.
+  """
+  fmt = _format(checkpoint, format)
+  sp = tok.processor
+  problems = []
+  if tok.vocab_size > cfg.vocab_size:
+    problems.append(f"it has {tok.vocab_size} pieces but the checkpoint's embedding table has "
+                    f"{cfg.vocab_size} rows: ids {cfg.vocab_size}..{tok.vocab_size - 1} would "
+                    f"index past the table")
+  want, source = _expected_ids(checkpoint, fmt)
+  have = {"pad": sp.pad_id(), "eos": sp.eos_id(), "bos": sp.bos_id()}  # -1: no such piece
+  for name, ids in want.items():
+    if have[name] not in ids:
+      expected = ids[0] if len(ids) == 1 else f"one of {list(ids)}"
+      problems.append(f"its {name} id is {have[name]}, {source} says {expected}")
+  for piece, want_id in GEMMA_TURN_IDS.items():
+    got = sp.piece_to_id(piece)
+    if sp.id_to_piece(got) != piece:
+      problems.append(f"it has no {piece} piece (Gemma's is id {want_id})")
+    elif got != want_id:
+      problems.append(f"its {piece} is id {got}, Gemma's is {want_id}")
+  if problems:
+    raise ValueError(
+        f"Tokenizer {tok.model_path} does not fit the checkpoint {checkpoint}:\n  "
+        + "\n  ".join(problems) + "\nPass --tokenizer= the tokenizer.model that ships with "
+        "this checkpoint (Gemma-2's: 256000 pieces; pad 0, eos 1, bos 2, <start_of_turn> 106, "
+        "<end_of_turn> 107), not another model's.")
+
+
+def _stored_dtype(path: str, fmt: str) -> str:
+  """The embedding table's stored dtype if float32 / bfloat16, else float32 (lossless)."""
+  if fmt == "hf":
+    table = _safetensors_index(path).get("model.embed_tokens.weight")
+    name = np.dtype(_ST_DTYPES[table.dtype]).name if table else "float32"
+  else:
+    table = _kaggle_stored(path)[1].get("embedder/input_embedding")
+    name = np.dtype(table[1]).name if table else "float32"
+  return name if name in ("float32", "bfloat16") else "float32"
+
+
+def convert(checkpoint: str, tokenizer: str, out: str, *, config_name: Optional[str] = None,
+            format: str = "auto", dtype: Optional[str] = None,  # pylint: disable=redefined-builtin
+            mesh: Optional[jax.sharding.Mesh] = None, rules: Optional[Sequence] = None
+            ) -> transformer.ModelConfig:
+  """Writes a Gemma-2 checkpoint as a `model_io` model directory that experiments load.
+
+  `out` (local or gs://) receives params/ (orbax), a copy of the tokenizer as
+  `tokenizer.model`, and model.json naming it relative to the directory, so the directory
+  can be moved. Call on every process (the writes are collective).
+
+  Args:
+    checkpoint: HF directory / .safetensors file, or a Kaggle orbax directory.
+    tokenizer: that checkpoint's SentencePiece tokenizer.model (local or gs://).
+    out: the model directory to write; an existing one is replaced.
+    config_name: as `load_gemma` (None: config.json, or inferred from Kaggle shapes).
+    format: 'auto', 'hf' or 'kaggle'.
+    dtype: param and activation dtype written to model.json; None keeps the stored dtype
+      (float32 or bfloat16), so the converted model's logits are the checkpoint's.
+    mesh, rules: load sharded (for models larger than one device); None: one device.
+
+  Returns:
+    The config written to model.json.
+
+  Raises:
+    FileNotFoundError: no checkpoint or tokenizer at the path.
+    ValueError: as `load_gemma`, or a tokenizer that does not fit (`check_tokenizer`).
+  """
+  from qdc_jax import model_io, storage, tokenizers  # pylint: disable=g-import-not-at-top
+  checkpoint = _require(checkpoint)
+  fmt = _format(checkpoint, format)
+  if not tokenizer or not storage.exists(tokenizer) or storage.path(tokenizer).is_dir():
+    raise FileNotFoundError(f"Tokenizer not found: {tokenizer!r}. Pass --tokenizer= the "
+                            f"checkpoint's SentencePiece tokenizer.model.")
+  dtype = dtype or _stored_dtype(checkpoint, fmt)
+  cfg = _resolve_config(checkpoint, fmt, config_name, {"dtype": dtype, "param_dtype": dtype})
+  tok = tokenizers.SentencePieceTokenizer(tokenizer)
+  check_tokenizer(tok, cfg, checkpoint, format=fmt)  # before the (slow) weights
+  shardings = param_shardings(cfg, mesh, rules) if mesh is not None else None
+  load = params_from_hf_safetensors if fmt == "hf" else params_from_kaggle_orbax
+  params = load(checkpoint, cfg, shardings=shardings, config_name=config_name)
+  # Un-commit a model already in `out` before its tokenizer is replaced (save_model writes
+  # model.json last), so a kill midway never leaves old weights next to a new tokenizer.
+  meta_path = storage.join(out, model_io.MODEL_JSON)
+  storage.barrier(f"convert:{out}")
+  if storage.is_writer() and storage.exists(meta_path):
+    storage.path(meta_path).unlink()
+  storage.write_bytes(storage.join(out, TOKENIZER_FILE), storage.read_bytes(tokenizer))
+  notes = {"converted_from": checkpoint, "format": fmt, "tokenizer_from": tokenizer,
+           "tokenizer_pieces": tok.vocab_size, "embedding_rows": cfg.vocab_size,
+           "config": _label(cfg, config_name), "by": "python -m qdc_jax.models.gemma_io convert"}
+  model_io.save_model(out, cfg, params, notes=notes,
+                      tokenizer={"kind": "sentencepiece", "path": TOKENIZER_FILE})
+  return cfg
 
 
 # ---------------------------------------------------------------------------------- sizes
@@ -813,17 +979,32 @@ def kv_cache_bytes_per_token(cfg: transformer.ModelConfig, bytes_per_elem: int) 
 
 
 def _main(argv: Sequence[str]) -> None:
-  del argv
-  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import app, flags  # pylint: disable=g-import-not-at-top,g-multiple-import
   from qdc_jax import sampling, tokenizers  # pylint: disable=g-import-not-at-top
   global CHECKPOINT_FLAG  # errors should name the flag this command line actually has
   CHECKPOINT_FLAG = "--checkpoint"
   f = flags.FLAGS
+  command = argv[1] if len(argv) > 1 else "sample"
+  if command not in ("sample", "convert") or len(argv) > 2:
+    raise app.UsageError(f"Unknown command {' '.join(argv[1:])!r}: give 'convert' "
+                         f"(--out=MODEL_DIR) or nothing / 'sample' (--prompt=...).")
+  if f.model and f.config and f.model != f.config:
+    raise app.UsageError(f"--model={f.model} and --config={f.config}: give one of them.")
+  config_name = f.model or f.config or None
   mesh = None
   if f.mesh:
     mesh = sharding_lib.make_mesh(tuple(int(x) for x in f.mesh.split(",")))
-  cfg, params = load_gemma(f.checkpoint, config_name=f.config or None, mesh=mesh,
-                           overrides={"dtype": f.dtype, "param_dtype": f.dtype})
+  if command == "convert":
+    if not f.out:
+      raise app.UsageError("convert needs --out=MODEL_DIR (local or gs://).")
+    cfg = convert(f.checkpoint, f.tokenizer, f.out, config_name=config_name,
+                  dtype=f.dtype or None, mesh=mesh)
+    print(f"wrote {f.out}: {_label(cfg, config_name)}, {cfg.param_dtype}, tokenizer "
+          f"{TOKENIZER_FILE}")
+    return
+  dtype = f.dtype or "bfloat16"
+  cfg, params = load_gemma(f.checkpoint, config_name=config_name, mesh=mesh,
+                           overrides={"dtype": dtype, "param_dtype": dtype})
   tok = tokenizers.SentencePieceTokenizer(f.tokenizer)
   from qdc_jax import chat  # pylint: disable=g-import-not-at-top
   # -it models: wrap prompts in chat turns and stop at <end_of_turn> as well as <eos>.
@@ -850,10 +1031,14 @@ if __name__ == "__main__":
   from absl import app, flags  # pylint: disable=g-import-not-at-top,g-multiple-import
   flags.DEFINE_string("checkpoint", None, "HF Gemma-2 dir/.safetensors or Kaggle orbax dir.",
                       required=True)
-  flags.DEFINE_string("tokenizer", None, "SentencePiece tokenizer.model.", required=True)
+  flags.DEFINE_string("tokenizer", None, "The checkpoint's SentencePiece tokenizer.model.",
+                      required=True)
   flags.DEFINE_multi_string("prompt", ["The meaning of life is"], "Prompt(s); repeatable.")
   flags.DEFINE_string("config", "", "Named config (default: config.json / inferred).")
-  flags.DEFINE_string("dtype", "bfloat16", "Param and activation dtype.")
+  flags.DEFINE_string("model", "", "Same as --config (e.g. gemma2_2b).")
+  flags.DEFINE_string("out", "", "convert: the model directory to write (local or gs://).")
+  flags.DEFINE_string("dtype", "", "Param and activation dtype; default: bfloat16 to sample, "
+                      "the stored one (float32 / bfloat16) to convert.")
   flags.DEFINE_string("mesh", "", "Mesh shape data,fsdp,tensor, e.g. 1,1,8; empty: 1 device.")
   flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate.")
   flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
