@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any, Iterable, Optional, Union
 
 import jax
@@ -168,8 +169,6 @@ class AppendWriter:
   """
 
   def __init__(self, p: PathLike, initial_lines: Iterable[str] = (), *, flush_s: float = 30.0):
-    import time  # pylint: disable=g-import-not-at-top
-    self._time = time
     self.path = epath.Path(p)
     self.enabled = is_writer()
     self._lines = [l if l.endswith("\n") else l + "\n" for l in initial_lines]
@@ -191,7 +190,7 @@ class AppendWriter:
       self._f.flush()
       return
     self._lines.append(line + "\n")
-    now = self._time.monotonic()
+    now = time.monotonic()
     if now - self._last >= self._flush_s:
       self.flush()
       self._last = now
