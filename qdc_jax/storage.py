@@ -77,6 +77,23 @@ def listdir(p: PathLike) -> list[str]:
   return sorted(c.name for c in d.iterdir())
 
 
+def is_file(p: PathLike) -> bool:
+  return epath.Path(p).is_file()
+
+
+def glob(pattern: PathLike) -> list[str]:
+  """Paths matching a glob pattern (sorted), local or gs://; the wildcards may be in any
+  component after the first ('gs://b/data/train-*.parquet', '/data/*/test.jsonl')."""
+  pattern = os.fspath(pattern)
+  scheme, sep, rest = pattern.rpartition("://")
+  parts = rest.split("/")
+  first = next((i for i, part in enumerate(parts) if any(c in part for c in "*?[")), None)
+  if first is None:
+    return [pattern] if exists(pattern) else []
+  base = scheme + sep + ("/".join(parts[:first]) or ("/" if rest.startswith("/") else "."))
+  return sorted(os.fspath(m) for m in epath.Path(base).glob("/".join(parts[first:])))
+
+
 def read_text(p: PathLike) -> str:
   return epath.Path(p).read_text(encoding="utf-8")
 

@@ -10,6 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+# pylint: disable-next=unused-import,g-bad-import-order
+from gcs_emulator import gcs_bucket, gcs_server  # noqa: F401  (pytest fixtures)
+
 from qdc_jax import registry
 from qdc_jax import tokenizers
 from qdc_jax.data import math_tasks
@@ -127,11 +130,11 @@ def test_glob_of_shards(tmp_path):
 def test_missing_field_names_file_line_field(tmp_path, name, rows, field, line):
   path = write_jsonl(tmp_path / f"{name}.jsonl", rows)
   with pytest.raises(ValueError) as e:
-    math_tasks.load(name, path)
+    math_tasks.load(name, path, flag="--config.task.train_path")
   msg = str(e.value)
   assert f"{path}:{line}:" in msg
   assert f"missing field '{field}'" in msg
-  assert f"--config.data.{name}_path" in msg
+  assert f"point --config.task.train_path at a {math_tasks.DISPLAY_NAMES[name]} file" in msg
 
 
 def test_missing_field_parquet_names_row(tmp_path):
@@ -170,8 +173,8 @@ def test_bad_json_and_missing_file(tmp_path):
     math_tasks.load_gsm8k(str(path))
   missing = str(tmp_path / "nope.jsonl")
   with pytest.raises(FileNotFoundError) as e:
-    math_tasks.load("math", missing)
-  assert missing in str(e.value) and "--config.data.math_path" in str(e.value)
+    math_tasks.load("math", missing, flag="--config.data.seed_path")
+  assert missing in str(e.value) and "(set --config.data.seed_path)" in str(e.value)
   with pytest.raises(ValueError, match="valid: gsm8k, math, svamp, aime"):
     math_tasks.load("mnist", missing)
 
@@ -258,8 +261,25 @@ def test_seqio_task_matches_loader(tmp_path):
     assert vocab.decode(g["targets"][:-1].tolist()) == w["completion"]
     assert g["answer"].decode() in ("72", "1234")
 
-  with pytest.raises(FileNotFoundError, match="--config.data.aime_path"):
+  with pytest.raises(FileNotFoundError, match="No such AIME file: .*none.jsonl"):
     math_tasks.register_seqio_tasks({"aime": {"test": str(tmp_path / "none.jsonl")}})
+
+
+def test_load_from_gcs_and_glob(tmp_path, gcs_bucket):  # noqa: F811
+  # A bucket dataset through the storage layer (the emulator: no network, real gcsfs).
+  from qdc_jax import storage  # pylint: disable=g-import-not-at-top
+  local = write_jsonl(tmp_path / "g.jsonl", GSM8K_ROWS)
+  for shard in ("train-00000.jsonl", "train-00001.jsonl"):
+    storage.write_bytes(f"{gcs_bucket}/gsm8k/{shard}", open(local, "rb").read())
+  pq_local = write_parquet(tmp_path / "m.parquet", MATH_ROWS)
+  storage.write_bytes(f"{gcs_bucket}/math/test.parquet", open(pq_local, "rb").read())
+  want = math_tasks.load("gsm8k", local)
+  assert math_tasks.load("gsm8k", f"{gcs_bucket}/gsm8k/train-00000.jsonl") == want
+  assert math_tasks.load("gsm8k", f"{gcs_bucket}/gsm8k/train-*.jsonl") == want + want
+  assert math_tasks.load("math", f"{gcs_bucket}/math/test.parquet") == math_tasks.load(
+      "math", pq_local)
+  with pytest.raises(FileNotFoundError, match="No GSM8K files match .*test-"):
+    math_tasks.load("gsm8k", f"{gcs_bucket}/gsm8k/test-*.jsonl")
 
 
 def test_tfds_error_paths(tmp_path):

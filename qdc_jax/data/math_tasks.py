@@ -1,10 +1,11 @@
-"""Real math datasets: GSM8K, MATH, SVAMP and AIME from local files.
+"""Real math datasets: GSM8K, MATH, SVAMP and AIME from files.
 
-Nothing is downloaded: every loader reads a local JSONL or Parquet file (or a
-glob of shards) whose path comes from a flag, ``--config.data.<name>_path``.
-Each row is validated; a bad row raises ``ValueError`` naming the file, the
-line (JSONL, 1-based) or row index (Parquet, 0-based), the field, and the flag
-to fix. All datasets become one type, ``MathExample``, which then feeds:
+Nothing is downloaded: every loader reads a JSONL or Parquet file (or a glob of
+shards), local or ``gs://`` (through ``qdc_jax.storage``), whose path comes from
+a flag (the caller names it, e.g. ``--config.task.train_path``). Each row is
+validated; a bad row raises ``ValueError`` naming the file, the line (JSONL,
+1-based) or row index (Parquet, 0-based), the field, and the flag to fix.
+All datasets become one type, ``MathExample``, which then feeds:
 
   * SFT records: ``to_record(ex)`` -> {'prompt', 'completion'} (the lab's
     prompt template; the solution ends in ``The answer is X.``);
@@ -37,7 +38,6 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
-import glob
 import json
 import math
 import numbers
@@ -46,6 +46,7 @@ import re
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 from qdc_jax import registry
+from qdc_jax import storage
 from qdc_jax.data import answers
 from qdc_jax.data import arith
 
@@ -182,13 +183,13 @@ def _number_text(x: Any) -> str:
 class _Row:
   """One row of a file, with where it came from, for error messages."""
 
-  def __init__(self, data: Mapping[str, Any], where: str, name: str):
-    self.data, self.where, self.name = data, where, name
+  def __init__(self, data: Mapping[str, Any], where: str, name: str, flag: str):
+    self.data, self.where, self.name, self.flag = data, where, name, flag
 
   def error(self, message: str) -> ValueError:
     return ValueError(
-        f"{self.where}: {message}. Fix the file, or point "
-        f"--config.data.{self.name}_path at a {DISPLAY_NAMES[self.name]} file.")
+        f"{self.where}: {message}. Fix the file, or point {self.flag} at a "
+        f"{DISPLAY_NAMES[self.name]} file.")
 
   def has(self, key: str) -> bool:
     return self.data.get(key) is not None
@@ -215,20 +216,26 @@ class _Row:
     raise self.error(f"missing field {want} (fields: {sorted(self.data)})")
 
 
-def _expand(path: str, name: str) -> list[str]:
-  flag = f"--config.data.{name}_path"
+def _flag(flag: Optional[str]) -> str:
+  return flag or "the path flag"
+
+
+def _expand(path: str, name: str, flag: Optional[str] = None) -> list[str]:
+  flag = _flag(flag)
+  if not path:
+    raise FileNotFoundError(f"No {DISPLAY_NAMES[name]} file given: set {flag}")
   if any(c in path for c in _GLOB_CHARS):
-    files = sorted(glob.glob(path))
+    files = storage.glob(path)
     if not files:
       raise FileNotFoundError(f"No {DISPLAY_NAMES[name]} files match {path} (set {flag})")
     return files
-  if not os.path.isfile(path):
+  if not storage.is_file(path):
     raise FileNotFoundError(f"No such {DISPLAY_NAMES[name]} file: {path} (set {flag})")
   return [path]
 
 
-def _jsonl_rows(path: str, name: str) -> Iterator[_Row]:
-  with open(path, encoding="utf-8") as f:
+def _jsonl_rows(path: str, name: str, flag: str) -> Iterator[_Row]:
+  with storage.path(path).open("r", encoding="utf-8") as f:
     for i, line in enumerate(f, 1):
       if not line.strip():
         continue
@@ -236,30 +243,32 @@ def _jsonl_rows(path: str, name: str) -> Iterator[_Row]:
       try:
         data = json.loads(line)
       except json.JSONDecodeError as e:
-        raise _Row({}, where, name).error(f"not valid JSON ({e.msg})") from None
+        raise _Row({}, where, name, flag).error(f"not valid JSON ({e.msg})") from None
       if not isinstance(data, dict):
-        raise _Row({}, where, name).error(f"expected a JSON object, got {type(data).__name__}")
-      yield _Row(data, where, name)
+        raise _Row({}, where, name, flag).error(
+            f"expected a JSON object, got {type(data).__name__}")
+      yield _Row(data, where, name, flag)
 
 
-def _parquet_rows(path: str, name: str) -> Iterator[_Row]:
+def _parquet_rows(path: str, name: str, flag: str) -> Iterator[_Row]:
   import pyarrow  # pylint: disable=g-import-not-at-top
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
   try:
-    table = pq.read_table(path)
+    with storage.path(path).open("rb") as fh:
+      table = pq.read_table(fh)
   except pyarrow.ArrowInvalid as e:
-    raise ValueError(f"{path}: not a readable Parquet file ({e}); point "
-                     f"--config.data.{name}_path at a {DISPLAY_NAMES[name]} file.") from None
+    raise ValueError(f"{path}: not a readable Parquet file ({e}); point {flag} at a "
+                     f"{DISPLAY_NAMES[name]} file.") from None
   for i, data in enumerate(table.to_pylist()):
-    yield _Row(data, f"{path}: row {i}", name)
+    yield _Row(data, f"{path}: row {i}", name, flag)
 
 
-def _rows(path: str, name: str) -> Iterator[_Row]:
-  for file in _expand(os.fspath(path), name):
+def _rows(path: str, name: str, flag: Optional[str] = None) -> Iterator[_Row]:
+  for file in _expand(os.fspath(path), name, flag):
     if file.lower().endswith(_PARQUET_SUFFIXES):
-      yield from _parquet_rows(file, name)
+      yield from _parquet_rows(file, name, _flag(flag))
     else:
-      yield from _jsonl_rows(file, name)
+      yield from _jsonl_rows(file, name, _flag(flag))
 
 
 # ---------------------------------------------------------------------------
@@ -357,13 +366,14 @@ def _check_name(name: str) -> str:
   return key
 
 
-def load(name: str, path: str) -> list[MathExample]:
-  """Every example of a local JSONL/Parquet file (or glob of shards).
+def load(name: str, path: str, *, flag: Optional[str] = None) -> list[MathExample]:
+  """Every example of a JSONL/Parquet file (or glob of shards), local or gs://.
 
   Args:
     name: 'gsm8k', 'math', 'svamp' or 'aime'.
     path: File path; ``.parquet``/``.pq`` files are read with pyarrow,
       anything else as JSONL. Glob patterns read all matches in sorted order.
+    flag: the flag that set ``path`` (e.g. '--config.task.train_path'), named by errors.
 
   Returns:
     The examples in file order.
@@ -374,7 +384,7 @@ def load(name: str, path: str) -> list[MathExample]:
       (naming file, line or row, field, and the flag).
   """
   key = _check_name(name)
-  return [_PARSERS[key](row) for row in _rows(path, key)]
+  return [_PARSERS[key](row) for row in _rows(path, key, flag)]
 
 
 def load_gsm8k(path: str) -> list[MathExample]:
@@ -599,8 +609,8 @@ def tfds_examples(name: str, split: str = "test",
   if builder is None:
     raise ValueError(
         f"{DISPLAY_NAMES[key]} has no TFDS builder (TFDS has: "
-        f"{', '.join(sorted(TFDS_BUILDERS))}); read a JSONL/Parquet file via "
-        f"--config.data.{key}_path instead.")
+        f"{', '.join(sorted(TFDS_BUILDERS))}); read a JSONL/Parquet file of it instead "
+        f"(math_tasks.load).")
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:
     ds = tfds.load(builder, split=split, data_dir=data_dir, download=False)
@@ -608,12 +618,12 @@ def tfds_examples(name: str, split: str = "test",
     raise FileNotFoundError(
         f"TFDS dataset {builder!r} (split {split!r}) is not prepared in data_dir "
         f"{data_dir or '~/tensorflow_datasets'}; nothing is downloaded here. Prepare it "
-        f"elsewhere and copy it there (--config.data.tfds_data_dir), or read a "
-        f"JSONL/Parquet file via --config.data.{key}_path. ({e})") from None
+        f"elsewhere and copy it there, or read a JSONL/Parquet file of it "
+        f"(math_tasks.load). ({e})") from None
   out = []
   for i, ex in enumerate(tfds.as_numpy(ds)):
     data = {k: _as_text(v) for k, v in ex.items()}
-    out.append(_PARSERS[key](_Row(data, f"tfds:{builder}/{split}[{i}]", key)))
+    out.append(_PARSERS[key](_Row(data, f"tfds:{builder}/{split}[{i}]", key, "data_dir")))
   return out
 
 

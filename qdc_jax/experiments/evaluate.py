@@ -33,7 +33,7 @@ def dataset_splits(dc) -> dict[str, tuple[list[str], list]]:
   if dc.name == "lab":
     return lab_splits(dc.size)
   from qdc_jax.data import math_tasks  # pylint: disable=g-import-not-at-top
-  examples = math_tasks.load(dc.name, dc.path)[:dc.size or None]
+  examples = math_tasks.load(dc.name, dc.path, flag="--config.data.path")[:dc.size or None]
   prompts = [dc.prompt_template.format(question=e.question) for e in examples]
   return {dc.name: (prompts, [e.answer for e in examples])}
 

@@ -59,7 +59,8 @@ def _seeds(config) -> list[loop.Seed]:
                                  + lab_tasks.test_problems("ood", config.eval.test_size))
     return [loop.Seed(p.text, p.solution, str(p.answer)) for p in problems]
   from qdc_jax.data import math_tasks  # pylint: disable=g-import-not-at-top
-  examples = math_tasks.load(dc.seed_source, dc.seed_path)[:dc.num_seeds or None]
+  examples = math_tasks.load(dc.seed_source, dc.seed_path,
+                             flag="--config.data.seed_path")[:dc.num_seeds or None]
   return [loop.Seed(e.question, e.solution or "", e.answer) for e in examples]
 
 
@@ -80,7 +81,8 @@ def _eval_sets(config, student: agents.LMStudent) -> dict:
   for split, name, path, ks in (("in_dist", "math", ec.in_dist_path, (1,)),
                                 ("ood", "aime", ec.ood_path, ks_ood)):
     if path:
-      ex = math_tasks.load(name, path)[:ec.test_size or None]
+      ex = math_tasks.load(name, path, flag=f"--config.eval.{split}_path")
+      ex = ex[:ec.test_size or None]
       out[split] = ([student.prompt(e.question) for e in ex], [e.answer for e in ex], ks)
   return out
 

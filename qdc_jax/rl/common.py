@@ -84,24 +84,25 @@ def load_task(c: ml_collections.ConfigDict) -> Task:
   from qdc_jax.data import math_tasks  # pylint: disable=g-import-not-at-top
   check_task(c)
 
-  def items(path):
+  def items(key):  # key: the task field with the path, which errors name as the flag
+    examples = math_tasks.load(c.name, c[key], flag=f"--config.task.{key}")
     return [Item(question=e.question,
                  prompt=math_tasks.format_prompt(c.prompt_template, e.question),
                  answer=e.answer, solution=math_tasks.to_record(e)["completion"]
-                 if e.solution else "") for e in math_tasks.load(c.name, path)]
+                 if e.solution else "") for e in examples]
 
-  train = items(c.train_path)
+  train = items("train_path")
   if not c.val_path and c.val_size <= 0:
     raise ValueError("task.val_size must be > 0 when no task.val_path is given: validation "
                      "questions are held out of the train file")
   if c.val_path:
-    val = items(c.val_path)[:c.val_size or None]
+    val = items("val_path")[:c.val_size or None]
   else:
     if len(train) <= c.val_size:
       raise ValueError(f"{c.train_path} has {len(train)} rows, not more than task.val_size="
                        f"{c.val_size}: give --config.task.val_path or lower val_size")
     train, val = train[:-c.val_size], train[-c.val_size:]
-  test = {c.name: items(c.test_path)[:c.test_size or None]} if c.test_path else {}
+  test = {c.name: items("test_path")[:c.test_size or None]} if c.test_path else {}
   return Task(train=train[:c.train_size or None], val=val, test=test)
 
 
