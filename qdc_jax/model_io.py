@@ -4,6 +4,9 @@ Layout of a model directory:
   model.json        {"model": ModelConfig fields, "tokenizer": {...}, "notes": {...}}
   params/<step>/    an orbax checkpoint of the parameter tree (qdc_jax.checkpoint, so shape
                     checks, checksums and restore-into-shardings come with it)
+  tokenizer.model   SentencePiece models: a copy of the tokenizer, which model.json names
+                    relative to the directory, so a directory can be moved or copied to a
+                    bucket and still load
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from qdc_jax import tokenizers
 from qdc_jax.models import transformer
 
 MODEL_JSON = "model.json"
+TOKENIZER_FILE = "tokenizer.model"  # a SentencePiece model's copy inside the directory
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 
 
@@ -37,12 +41,29 @@ def save_model(directory: str, cfg: transformer.ModelConfig, params: Any, *,
   model.json is written last and is the commit point: a directory being replaced loses its
   model.json first, so a kill midway leaves a directory `load_model` refuses, never a model
   with half-new weights.
+
+  `tokenizer` is the metadata `load_model` returns (`meta["tokenizer"]`): {"kind": "char",
+  "alphabet": ...} or {"kind": "sentencepiece", "path": FILE}; a SentencePiece FILE is copied
+  into the directory as tokenizer.model, so the directory does not depend on where it came from.
   """
-  meta = {"model": dataclasses.asdict(cfg), "tokenizer": tokenizer or {}, "notes": notes or {}}
+  tokenizer = dict(tokenizer or {})
   meta_path = storage.join(directory, MODEL_JSON)
+  tok_copy = storage.join(directory, TOKENIZER_FILE)
+  tok_bytes = None
+  if tokenizer.get("kind") == "sentencepiece":
+    source = tokenizer["path"]
+    if not storage.exists(source):
+      raise FileNotFoundError(f"The tokenizer {source} of the model being saved to {directory} "
+                              f"does not exist (moved or deleted since the model loaded?)")
+    if os.fspath(source) != tok_copy:
+      tok_bytes = storage.read_bytes(source)  # before anything in `directory` is touched
+    tokenizer["path"] = TOKENIZER_FILE
+  meta = {"model": dataclasses.asdict(cfg), "tokenizer": tokenizer, "notes": notes or {}}
   storage.barrier(f"save-model:{directory}")  # readers of the old model are done
   if storage.is_writer() and storage.exists(meta_path):
     storage.path(meta_path).unlink()
+  if tok_bytes is not None:
+    storage.write_bytes(tok_copy, tok_bytes)
   storage.rmtree(storage.join(directory, "params"))
   with ckpt_lib.Checkpointer(storage.join(directory, "params"), save_every=1, keep=1,
                              async_save=False) as c:
@@ -80,12 +101,15 @@ def load_model(directory: str, *, mesh=None, rules=None):
     tok = tokenizers.make_tokenizer("char", alphabet=tok_meta["alphabet"])
   elif tok_meta.get("kind") == "sentencepiece":
     tok_path = tok_meta["path"]
-    # Relative: a file inside the directory (gemma_io convert copies it there), so the
-    # directory can move or live in gs://; resolved in meta too, so re-exports still find it.
-    if storage.is_local(tok_path) and not os.path.isabs(tok_path) and storage.exists(
-        storage.join(directory, tok_path)):
+    # Relative: the copy inside the directory (save_model writes it), so the directory can
+    # move or live in gs://; resolved in meta too, so re-exports still find it. Absolute:
+    # directories written before the copy existed.
+    if storage.is_local(tok_path) and not os.path.isabs(tok_path):
       tok_path = storage.join(directory, tok_path)
       meta["tokenizer"] = {**tok_meta, "path": tok_path}
+    if not storage.exists(tok_path):
+      raise FileNotFoundError(f"{directory}/{MODEL_JSON} names the tokenizer {tok_path}, "
+                              f"which does not exist; copy the model's tokenizer.model there")
     tok = tokenizers.make_tokenizer("sentencepiece", model_path=tok_path)
   shardings = jax.tree.map(lambda a: a.sharding, abstract)
   return cfg, params, tok, meta, shardings

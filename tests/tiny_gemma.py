@@ -172,3 +172,54 @@ def converted_model(root, fmt: str = "kaggle") -> str:
   make = make_kaggle_checkpoint if fmt == "kaggle" else make_hf_checkpoint
   return convert(make(os.path.join(root, fmt)), tok, os.path.join(root, "model"))
 
+
+
+# ------------------------------------------------------------------ the README's tiny world
+
+
+def write_datasets(root, *, seed: int = 0, train: int = 24, test: int = 8) -> dict[str, str]:
+  """GSM8K, MATH and AIME files from lab problems (real row formats, oracle answers).
+
+  gsm8k_train/test.jsonl (question, answer: steps then '#### X'), math_train/test.jsonl
+  (problem, solution ending in \\boxed{X}, level, type), aime.jsonl (problem, answer).
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  from qdc_jax.data import arith  # pylint: disable=g-import-not-at-top
+  problems = arith.make_split("in_dist", train + test, seed)
+  splits = {"train": problems[:train], "test": problems[train:]}
+  rows = {}
+  for split, ps in splits.items():
+    steps = [p.solution.rsplit("\n", 1)[0] if "\n" in p.solution else "" for p in ps]
+    rows[f"gsm8k_{split}"] = [{"question": p.text, "answer": f"{s}\n#### {p.answer}"}
+                              for p, s in zip(ps, steps)]
+    rows[f"math_{split}"] = [{"problem": p.text, "solution": f"{s}\nSo it is "
+                              f"$\\boxed{{{p.answer}}}$.", "level": "Level 1",
+                              "type": "Prealgebra"} for p, s in zip(ps, steps)]
+  rows["aime"] = [{"problem": p.text, "answer": int(p.answer)} for p in splits["test"]]
+  out = {}
+  os.makedirs(root, exist_ok=True)
+  for name, rs in rows.items():
+    out[name] = os.path.join(root, f"{name}.jsonl")
+    with open(out[name], "w") as fh:
+      fh.writelines(json.dumps(r) + "\n" for r in rs)
+  return out
+
+
+def make_world(root) -> dict[str, str]:
+  """What the README's Gemma commands start from: root/tokenizer.model, root/kaggle (orbax),
+  root/hf (safetensors + config.json), and the dataset files of `write_datasets`."""
+  root = os.fspath(root)
+  out = {"tokenizer": make_tokenizer(root),
+         "kaggle": make_kaggle_checkpoint(os.path.join(root, "kaggle")),
+         "hf": make_hf_checkpoint(os.path.join(root, "hf"), eos_token_id=[1, 107])}
+  out.update(write_datasets(root))
+  return out
+
+
+if __name__ == "__main__":
+  # python tests/tiny_gemma.py DIR: a tiny random Gemma-2 world (see make_world).
+  import sys  # pylint: disable=g-import-not-at-top
+  if len(sys.argv) != 2:
+    sys.exit("usage: python tests/tiny_gemma.py DIR")
+  for key, value in make_world(sys.argv[1]).items():
+    print(f"{key}: {value}")

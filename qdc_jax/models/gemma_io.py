@@ -835,7 +835,6 @@ def load_gemma(path: str, *, config_name: Optional[str] = None, format: str = "a
 # with them elsewhere would feed the model a different token than it was tuned on.
 GEMMA_SPECIAL_IDS = {"pad": 0, "eos": 1, "bos": 2}
 GEMMA_TURN_IDS = {"<start_of_turn>": 106, "<end_of_turn>": 107}
-TOKENIZER_FILE = "tokenizer.model"  # the copy inside a converted model directory
 
 
 def _expected_ids(path: str, fmt: str) -> tuple[dict[str, tuple[int, ...]], str]:
@@ -947,18 +946,12 @@ def convert(checkpoint: str, tokenizer: str, out: str, *, config_name: Optional[
   shardings = param_shardings(cfg, mesh, rules) if mesh is not None else None
   load = params_from_hf_safetensors if fmt == "hf" else params_from_kaggle_orbax
   params = load(checkpoint, cfg, shardings=shardings, config_name=config_name)
-  # Un-commit a model already in `out` before its tokenizer is replaced (save_model writes
-  # model.json last), so a kill midway never leaves old weights next to a new tokenizer.
-  meta_path = storage.join(out, model_io.MODEL_JSON)
-  storage.barrier(f"convert:{out}")
-  if storage.is_writer() and storage.exists(meta_path):
-    storage.path(meta_path).unlink()
-  storage.write_bytes(storage.join(out, TOKENIZER_FILE), storage.read_bytes(tokenizer))
+  # save_model copies the tokenizer into `out` after un-committing any model there.
   notes = {"converted_from": checkpoint, "format": fmt, "tokenizer_from": tokenizer,
            "tokenizer_pieces": tok.vocab_size, "embedding_rows": cfg.vocab_size,
            "config": _label(cfg, config_name), "by": "python -m qdc_jax.models.gemma_io convert"}
   model_io.save_model(out, cfg, params, notes=notes,
-                      tokenizer={"kind": "sentencepiece", "path": TOKENIZER_FILE})
+                      tokenizer={"kind": "sentencepiece", "path": tokenizer})
   return cfg
 
 
@@ -1000,7 +993,7 @@ def _main(argv: Sequence[str]) -> None:
     cfg = convert(f.checkpoint, f.tokenizer, f.out, config_name=config_name,
                   dtype=f.dtype or None, mesh=mesh)
     print(f"wrote {f.out}: {_label(cfg, config_name)}, {cfg.param_dtype}, tokenizer "
-          f"{TOKENIZER_FILE}")
+          f"tokenizer.model")
     return
   dtype = f.dtype or "bfloat16"
   cfg, params = load_gemma(f.checkpoint, config_name=config_name, mesh=mesh,
