@@ -104,7 +104,9 @@ def check_shared_workdir(workdir: str) -> None:
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   token = str(int(multihost_utils.broadcast_one_to_all(np.int32(time.time_ns() % 2**31))))
   probe = storage.join(workdir, ".shared_probe")
-  storage.write_text(probe, token)
+  # Barriers named without the path: what a host calls the workdir is what is in question.
+  storage.write_text(probe, token, sync=False)  # process 0 only
+  storage.barrier("shared-workdir-probe")
   seen = storage.exists(probe) and storage.read_text(probe) == token
   ok = multihost_utils.process_allgather(np.asarray(seen))
   if not np.all(ok):

@@ -95,21 +95,40 @@ def load_model(directory: str, *, mesh=None, rules=None):
   abstract = sharding_lib.abstract_with_shardings(init, mesh, rules)
   with ckpt_lib.Checkpointer(storage.join(directory, "params"), save_every=1) as c:
     params, _ = c.restore(abstract)
-  tok_meta = meta.get("tokenizer") or {}
-  tok = None
-  if tok_meta.get("kind") == "char":
-    tok = tokenizers.make_tokenizer("char", alphabet=tok_meta["alphabet"])
-  elif tok_meta.get("kind") == "sentencepiece":
-    tok_path = tok_meta["path"]
-    # Relative: the copy inside the directory (save_model writes it), so the directory can
-    # move or live in gs://; resolved in meta too, so re-exports still find it. Absolute:
-    # directories written before the copy existed.
-    if storage.is_local(tok_path) and not os.path.isabs(tok_path):
-      tok_path = storage.join(directory, tok_path)
-      meta["tokenizer"] = {**tok_meta, "path": tok_path}
-    if not storage.exists(tok_path):
-      raise FileNotFoundError(f"{directory}/{MODEL_JSON} names the tokenizer {tok_path}, "
-                              f"which does not exist; copy the model's tokenizer.model there")
-    tok = tokenizers.make_tokenizer("sentencepiece", model_path=tok_path)
+  tok = load_tokenizer(directory, meta)
   shardings = jax.tree.map(lambda a: a.sharding, abstract)
   return cfg, params, tok, meta, shardings
+
+
+def load_tokenizer(directory: str, meta: dict):
+  """The tokenizer `meta["tokenizer"]` (a model directory's model.json) describes, or None.
+
+  A SentencePiece path relative to the directory (the copy save_model writes) is resolved,
+  in `meta` too, so a directory can move or live in gs:// and re-exports still find it;
+  absolute paths come from directories written before the copy existed.
+  """
+  tok_meta = meta.get("tokenizer") or {}
+  if tok_meta.get("kind") == "char":
+    return tokenizers.make_tokenizer("char", alphabet=tok_meta["alphabet"])
+  if tok_meta.get("kind") != "sentencepiece":
+    return None
+  tok_path = tok_meta["path"]
+  if storage.is_local(tok_path) and not os.path.isabs(tok_path):
+    tok_path = storage.join(directory, tok_path)
+    meta["tokenizer"] = {**tok_meta, "path": tok_path}
+  if not storage.exists(tok_path):
+    raise FileNotFoundError(f"{directory}/{MODEL_JSON} names the tokenizer {tok_path}, "
+                            f"which does not exist; copy the model's tokenizer.model there")
+  return tokenizers.make_tokenizer("sentencepiece", model_path=tok_path)
+
+
+def same_tokenizer(a: dict, b: dict) -> bool:
+  """Whether two loaded models' `meta["tokenizer"]` encode alike: equal alphabets, or
+  SentencePiece files with equal bytes (each model directory holds its own copy)."""
+  a, b = a or {}, b or {}
+  if a.get("kind") != b.get("kind"):
+    return False
+  if a.get("kind") == "sentencepiece":
+    return a["path"] == b["path"] or storage.read_bytes(a["path"]) == storage.read_bytes(
+        b["path"])
+  return a == b

@@ -70,13 +70,21 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Optional[Sequence[Any]
   if shape.count(-1) > 1:
     raise ValueError(f"Mesh shape {shape}: at most one axis may be -1")
   known = math.prod(s for s in shape if s != -1)
+  # Several processes: say where the devices come from (the usual surprise is that the mesh
+  # spans every host's chips, not one host's).
+  n = len(devices)
+  have = (f"{n} devices ({jax.process_count()} processes x {jax.local_device_count()} local "
+          f"devices)" if jax.process_count() > 1 and devices == list(jax.devices())
+          else f"{n} devices")
   if -1 in shape:
-    if len(devices) % known:
-      raise ValueError(f"Mesh shape {shape} does not divide {len(devices)} devices")
-    shape[shape.index(-1)] = len(devices) // known
-  if math.prod(shape) != len(devices):
-    raise ValueError(f"Mesh shape {tuple(shape)} needs {math.prod(shape)} devices, "
-                     f"have {len(devices)}; use -1 on one axis to fill")
+    if n % known:
+      raise ValueError(f"Mesh shape {tuple(shape)} does not divide the {have}: the sizes "
+                       f"other than -1 multiply to {known}; pick sizes whose product "
+                       f"divides {n} (config.mesh.shape)")
+    shape[shape.index(-1)] = n // known
+  if math.prod(shape) != n:
+    raise ValueError(f"Mesh shape {tuple(shape)} needs {math.prod(shape)} devices, have "
+                     f"{have}; use -1 on one axis to fill (config.mesh.shape)")
   try:
     # Topology-aware device order on TPU/GPU slices.
     arr = mesh_utils.create_device_mesh(shape, devices)

@@ -279,3 +279,39 @@ def test_ei_killed_process_fails_fast_and_resumes_exactly(runs):
   rounds = [r["step"] for r in _rows(os.path.join(workdir, "ei_metrics.jsonl"))]
   assert rounds == sorted(set(rounds)), rounds
   assert os.path.exists(os.path.join(workdir, "model", "model.json"))
+
+
+# ------------------------------------------------------------------------ bad input, 2 hosts
+
+
+def _fail_fast(tmp_path, args_of, tag):
+  """A 2-process qdc_jax.main that must fail on both processes; their logs."""
+  procs, logs = _launch(args_of, 2, str(tmp_path), tag)
+  for p in procs:
+    try:
+      p.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise AssertionError("hung instead of failing") from None
+  assert all(p.returncode != 0 for p in procs), [open(l).read()[-2000:] for l in logs]
+  return [open(l).read() for l in logs]
+
+
+def test_workdir_other_processes_cannot_see(tmp_path):
+  # Each "host" gets its own local folder under the same name, as /tmp on two machines.
+  def args(i, port):
+    return _main_cmd("configs/evaluate.py:smoke", str(tmp_path / f"host{i}" / "run"))(i, port)
+  for log in _fail_fast(tmp_path, args, "unshared"):
+    assert "is not shared: process(es) [1] cannot see what process 0 wrote there" in log
+    assert "gs:// bucket path or a shared filesystem" in log
+
+
+def test_mesh_that_does_not_fit_the_processes(tmp_path):
+  def args(i, port):
+    argv = _main_cmd("configs/evaluate.py:smoke", str(tmp_path / "run"))(i, port)
+    return [a for a in argv if not a.startswith("--config.mesh.shape")] + [
+        "--config.mesh.shape=(3, -1, 1)"]
+  for log in _fail_fast(tmp_path, args, "mesh"):
+    assert ("Mesh shape (3, -1, 1) does not divide the 8 devices (2 processes x 4 local "
+            "devices)") in log

@@ -37,6 +37,7 @@ from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-pos
 from qdc_jax import config_lib  # pylint: disable=wrong-import-position
 from qdc_jax import fit  # pylint: disable=wrong-import-position
 from qdc_jax import metrics_log  # pylint: disable=wrong-import-position
+from qdc_jax import model_io
 from qdc_jax import sampling  # pylint: disable=wrong-import-position
 from qdc_jax import storage
 from qdc_jax.rl import common  # pylint: disable=wrong-import-position
@@ -190,8 +191,8 @@ def run(config, workdir: str) -> dict:
   init_params = base.params
   if config.init_from:
     init = common.load_policy(config.init_from, mesh=mesh, rules=rules)
-    if init.model.config != base.model.config or init.meta.get("tokenizer") != base.meta.get(
-        "tokenizer"):
+    if init.model.config != base.model.config or not model_io.same_tokenizer(
+        init.meta.get("tokenizer"), base.meta.get("tokenizer")):
       raise ValueError(f"init_from={config.init_from} and base={config.base} differ in model "
                        f"config or tokenizer; EI refits the base, so they must match")
     init_params = init.params

@@ -152,7 +152,7 @@ def save_reward_model(directory: str, cfg, params: dict, tokenizer_meta: dict) -
 def load_reward_model(directory: str, **kwargs) -> RewardModelReward:
   """`RewardModelReward` of a directory written by `save_reward_model`."""
   from qdc_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from qdc_jax import model_io, tokenizers  # pylint: disable=g-import-not-at-top
+  from qdc_jax import model_io  # pylint: disable=g-import-not-at-top
   from qdc_jax.models import heads  # pylint: disable=g-import-not-at-top
   cfg, meta = model_io.load_model_config(directory)
   if meta.get("kind") != "reward_model":
@@ -163,9 +163,4 @@ def load_reward_model(directory: str, **kwargs) -> RewardModelReward:
       model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]))
   with ckpt_lib.Checkpointer(storage.join(directory, "params"), save_every=1) as c:
     params, _ = c.restore(abstract)
-  tok_meta = meta.get("tokenizer") or {}
-  if tok_meta.get("kind") == "char":
-    tok = tokenizers.make_tokenizer("char", alphabet=tok_meta["alphabet"])
-  else:
-    tok = tokenizers.make_tokenizer("sentencepiece", model_path=tok_meta["path"])
-  return RewardModelReward(model, params, tok, **kwargs)
+  return RewardModelReward(model, params, model_io.load_tokenizer(directory, meta), **kwargs)
