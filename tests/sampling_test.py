@@ -189,3 +189,17 @@ def test_stop_strings_end_rows_on_device_and_cut_text():
   gen = tok.decode(np.asarray(out.tokens[0, :int(out.lengths[0])]))
   assert gen.endswith(stop) and gen.find(stop) == len(gen) - len(stop), (gen, stop)
   assert int(out.lengths[0]) < 24
+
+
+def test_gumbel_max_draws_what_jax_random_categorical_draws():
+  # The independent reference: jax.random.categorical with the same key, on logits with
+  # masked (-inf) entries, large and tiny scales, and a small and a Gemma-like vocabulary.
+  fn = jax.jit(sampling.gumbel_max)
+  for v, scale in ((7, 1.0), (128, 5.0), (1000, 0.01)):
+    for seed in range(20):
+      key = jax.random.PRNGKey(seed)
+      logits = scale * jax.random.normal(jax.random.PRNGKey(1000 + seed), (16, v))
+      logits = jnp.where(jax.random.bernoulli(jax.random.PRNGKey(2000 + seed), 0.3, (16, v)),
+                         -jnp.inf, logits).at[:, 0].set(0.0)  # at least one finite entry
+      np.testing.assert_array_equal(np.asarray(fn(key, logits)),
+                                    np.asarray(jax.random.categorical(key, logits, axis=-1)))

@@ -140,10 +140,16 @@ def apply_rope(x_BxTxNxH: Array, positions_BxT: Array, base: float) -> Array:
   return out.astype(x_BxTxNxH.dtype)
 
 
-def _write_cache(cache_BxSxKxH: Array, new_BxTxKxH: Array, start_B: Array) -> Array:
+def _write_cache(cache_BxKxSxH: Array, new_BxTxKxH: Array, start_B: Array) -> Array:
+  """Row b's T new keys (or values) into slots start_B[b] .. start_B[b]+T-1.
+
+  The cache is stored [B, K, S, H] (batch dims of the attention dots leading), so decoding
+  reads it without the per-step transpose of the whole cache a [B, S, K, H] layout costs
+  (31% of sampler op time on CPU; docs/benchmarks.md); only the T new entries move.
+  """
   def write_row(c, x, s):
-    return jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (s, 0, 0))
-  return jax.vmap(write_row)(cache_BxSxKxH, new_BxTxKxH, start_B)
+    return jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (0, s, 0))
+  return jax.vmap(write_row)(cache_BxKxSxH, new_BxTxKxH.transpose(0, 2, 1, 3), start_B)
 
 
 class Attention(nn.Module):
@@ -187,12 +193,14 @@ class Attention(nn.Module):
       mask = mask & (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])
       key_pos = positions_BxT
       new_cache = None
+      kv_spec = "bskh"  # keys/values [B, S=T, K, H]
     else:
       start = positions_BxT[:, 0]
       keys = _write_cache(cache["k"], kk, start)
       values = _write_cache(cache["v"], v, start)
       new_cache = {"k": keys, "v": values}
-      s = keys.shape[1]
+      s = keys.shape[2]
+      kv_spec = "bksh"  # the cache layout [B, K, S, H]
       key_pos = jnp.broadcast_to(jnp.arange(s)[None, :], (x_BxTxD.shape[0], s))
       mask = key_pos[:, None, :] <= positions_BxT[:, :, None]
       keys, values = keys.astype(dt), values.astype(dt)
@@ -201,11 +209,11 @@ class Attention(nn.Module):
 
     b, t = q.shape[:2]
     q = q.reshape(b, t, k, n // k, h)  # grouped-query attention
-    logits = jnp.einsum("btkgh,bskh->bkgts", q, keys, preferred_element_type=jnp.float32)
+    logits = jnp.einsum(f"btkgh,{kv_spec}->bkgts", q, keys, preferred_element_type=jnp.float32)
     logits = _softcap(logits, cfg.attn_softcap)
     logits = jnp.where(mask[:, None, None], logits, _NEG_INF)
     probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, values).reshape(b, t, n, h)
+    out = jnp.einsum(f"bkgts,{kv_spec}->btkgh", probs, values).reshape(b, t, n, h)
     out = nn.with_logical_constraint(out, ("act_batch", "act_len", "act_heads", None))
     y = (out.reshape(b * t, n * h) @ wo.astype(dt).reshape(n * h, d)).reshape(b, t, d)
     if cfg.use_bias:
@@ -341,13 +349,13 @@ class Transformer(nn.Module):
     return logits, new_cache
 
 
-CACHE_AXES = ("cache_batch", "cache_len", "act_kv_heads", None)
+CACHE_AXES = ("cache_batch", "act_kv_heads", "cache_len", None)  # [B, K, S, H]
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> Cache:
   """Zero KV cache for `batch` rows and `max_len` slots per layer."""
   dtype = jnp.dtype(dtype or cfg.dtype)
-  shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
   return {f"layer_{i}": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
           for i in range(cfg.num_layers)}
 
