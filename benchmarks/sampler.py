@@ -8,6 +8,10 @@ HF gets min_new_tokens = max_new_tokens.
 
   (a) qdc_jax.sampling.jit_sample: prefill once per prompt, copy the cache to the K rows, one
       jitted while_loop of single-token cached decode steps;
+  (a0) before: the same sampler as it was before the layout fixes (KV cache [B, S, K, H],
+      transposed by XLA at every decode step; jax.random.categorical's variadic argmax),
+      rebuilt from today's transformer.py by exact string patches (the script stops if a
+      patched snippet changed) and checked to sample the same tokens as (a) for the same key;
   (b) naive: the same qdc Transformer without a cache, the whole [rows, prompt+new] padded
       sequence recomputed every step, all steps inside one jitted fori_loop;
   (c) Hugging Face transformers Gemma2ForCausalLM.generate (eager attention, which is the
@@ -51,6 +55,67 @@ def time_rounds(fns: dict, args) -> dict:
   return times
 
 
+# Today's source -> the sampler before the layout fixes (2026-12-02).
+BEFORE_PATCHES = [
+    ("    return jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (0, s, 0))\n"
+     "  return jax.vmap(write_row)(cache_BxKxSxH, new_BxTxKxH.transpose(0, 2, 1, 3), start_B)",
+     "    return jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (s, 0, 0))\n"
+     "  return jax.vmap(write_row)(cache_BxKxSxH, new_BxTxKxH, start_B)"),
+    ('      s = keys.shape[2]\n      kv_spec = "bksh"', '      s = keys.shape[1]\n      kv_spec = "bskh"'),
+    ('CACHE_AXES = ("cache_batch", "act_kv_heads", "cache_len", None)',
+     'CACHE_AXES = ("cache_batch", "cache_len", "act_kv_heads", None)'),
+    ("  shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)",
+     "  shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)"),
+]
+
+
+def before_module():
+  """transformer.py with BEFORE_PATCHES applied, loaded as a module of its own."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  from qdc_jax.models import transformer  # pylint: disable=g-import-not-at-top
+  with open(transformer.__file__) as fh:
+    src = fh.read()
+  for old, new in BEFORE_PATCHES:
+    if src.count(old) != 1:
+      raise SystemExit(f"transformer.py changed; cannot rebuild the 'before' sampler:\n{old}")
+    src = src.replace(old, new)
+  spec = importlib.util.spec_from_loader("transformer_before", loader=None)
+  mod = importlib.util.module_from_spec(spec)
+  mod.__file__ = "<transformer before the layout fixes>"
+  sys.modules[spec.name] = mod  # dataclasses look their module up while the class is built
+  exec(compile(src, mod.__file__, "exec"), mod.__dict__)  # noqa: S102  (our own source)
+  return mod
+
+
+def setup_before(cfg, params, prompts, lengths, args, want_tokens):
+  import jax  # pylint: disable=g-import-not-at-top
+  from qdc_jax import sampling  # pylint: disable=g-import-not-at-top
+  mod = before_module()
+  model = mod.Transformer(cfg)
+  sp = sampling.SamplingParams(max_new_tokens=args.new_tokens, num_samples=args.samples,
+                               temperature=1.0, eos_id=-1, pad_id=0)
+
+  def choose_before(logits, rng, sp):  # the categorical of before the fix
+    return jax.random.categorical(rng, logits.astype("float32") / sp.temperature,
+                                  axis=-1).astype("int32")
+  orig = (sampling.transformer, sampling.choose_tokens)
+  sampling.transformer, sampling.choose_tokens = mod, choose_before  # read at trace time
+  try:
+    fn = jax.jit(functools.partial(sampling.sample, model=model, sp=sp))
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn(params, prompts, lengths, jax.random.PRNGKey(0)))
+  finally:
+    sampling.transformer, sampling.choose_tokens = orig
+  compile_s = time.perf_counter() - t0
+  same = bool((np.asarray(out.tokens) == want_tokens).all())
+  assert same, "the 'before' sampler samples other tokens than today's for the same key"
+
+  def call(i):
+    jax.block_until_ready(fn(params, prompts, lengths, jax.random.PRNGKey(i)))
+  return call, {"rows": out.tokens.shape[0], "compile_plus_first_s": compile_s,
+                "same_tokens_as_qdc": same}
+
+
 def setup_qdc(model, params, prompts, lengths, args):
   import jax
   from qdc_jax import sampling
@@ -67,7 +132,8 @@ def setup_qdc(model, params, prompts, lengths, args):
   def call(i):
     jax.block_until_ready(fn(params, prompts, lengths, jax.random.PRNGKey(i)))
 
-  return call, {"rows": rows, "compile_plus_first_s": compile_s}
+  return call, {"rows": rows, "compile_plus_first_s": compile_s,
+                "tokens_key0": np.asarray(out.tokens)}
 
 
 def naive_sample_fn(model, prompt_len: int, new_tokens: int):
@@ -181,6 +247,7 @@ def main(argv=None):
   ap.add_argument("--hf_attn", default="eager",
                   help="HF attention implementation; 'eager' applies the soft-cap")
   ap.add_argument("--torch_threads", type=int, default=2)
+  ap.add_argument("--skip_before", action="store_true")
   ap.add_argument("--skip_naive", action="store_true")
   ap.add_argument("--skip_hf", action="store_true")
   ap.add_argument("--out", default="/tmp/qdc_bench/sampler.json", help="JSON output path")
@@ -212,6 +279,11 @@ def main(argv=None):
   fns, infos = {}, {}
   fns["qdc"], infos["qdc"] = setup_qdc(model, params, prompts, lengths, args)
   print(f"# qdc compiled + first call: {infos['qdc']['compile_plus_first_s']:.1f} s", flush=True)
+  want_tokens = infos["qdc"].pop("tokens_key0")
+  if not args.skip_before:
+    fns["before"], infos["before"] = setup_before(cfg, params, prompts, lengths, args,
+                                                  want_tokens)
+    print("# before: same tokens as qdc for key 0", flush=True)
   if not args.skip_naive:
     n = min(args.naive_rows, rows)
     prompt_rows = np.repeat(prompts, args.samples, axis=0)[:n]
@@ -227,6 +299,7 @@ def main(argv=None):
 
   table = []
   labels = {"qdc": "(a) qdc_jax jit_sample (KV cache)",
+            "before": "(a0) the same sampler before the layout fixes",
             "naive": "(b) naive JAX, no cache (jitted, fixed length)",
             "hf": f"(c) HF Gemma2ForCausalLM.generate ({args.hf_attn})"}
   for key, r in results.items():

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Any, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
+from qdc_jax import metrics_log
 from qdc_jax import sharding as sharding_lib
 from qdc_jax.models import transformer
 
@@ -263,6 +266,7 @@ def generate_text(params, prompts: Sequence[str], *, model: transformer.Transfor
   if not fixed_batch:
     batch_size = max(1, min(batch_size, len(encoded)))
   out: list[list[str]] = []
+  progress = _Progress(len(encoded) * sp.num_samples, batch_size * sp.num_samples)
   for start in range(0, len(encoded), batch_size):
     chunk = encoded[start:start + batch_size]
     # A fixed row count per call keeps one compiled shape for all full batches.
@@ -276,4 +280,29 @@ def generate_text(params, prompts: Sequence[str], *, model: transformer.Transfor
       rows = range(i * sp.num_samples, (i + 1) * sp.num_samples)
       out.append([truncate_at_stop(tokenizer.decode(res.tokens[r, :res.lengths[r]]),
                                    stop_strings) for r in rows])
+    progress.update(len(chunk) * sp.num_samples)
   return out
+
+
+class _Progress:
+  """Console progress of a long sampling call: rollouts done of total, rollouts/s, ETA.
+
+  Logged (process 0) after each sampler call once the call has taken more than a few seconds,
+  at most every `every_s`, so short calls stay quiet."""
+
+  def __init__(self, total: int, per_call: int, every_s: float = 10.0):
+    self.total, self.done, self.every_s = total, 0, every_s
+    self.t0 = self.last = time.perf_counter()
+    self.quiet = total <= per_call  # one call: nothing to report between calls
+
+  def update(self, n: int) -> None:
+    self.done += n
+    now = time.perf_counter()
+    if self.quiet or now - self.last < self.every_s and self.done < self.total:
+      return
+    self.last = now
+    rate = self.done / max(now - self.t0, 1e-9)
+    if jax.process_index() == 0:
+      logging.info("sampling: %d/%d rollouts | %.1f rollouts/s | ETA %s", self.done,
+                   self.total, rate, metrics_log.format_duration(
+                       (self.total - self.done) / max(rate, 1e-9)))

@@ -203,3 +203,20 @@ def test_gumbel_max_draws_what_jax_random_categorical_draws():
                          -jnp.inf, logits).at[:, 0].set(0.0)  # at least one finite entry
       np.testing.assert_array_equal(np.asarray(fn(key, logits)),
                                     np.asarray(jax.random.categorical(key, logits, axis=-1)))
+
+
+def test_sampling_progress_lines(caplog):
+  caplog.set_level("INFO")
+  p = sampling._Progress(total=40, per_call=16, every_s=0.0)  # pylint: disable=protected-access
+  for n in (16, 16, 8):
+    p.update(n)
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("sampling:")]
+  assert [l.split(" | ")[0] for l in lines] == ["sampling: 16/40 rollouts",
+                                               "sampling: 32/40 rollouts",
+                                               "sampling: 40/40 rollouts"]
+  assert all("rollouts/s" in l and "ETA" in l for l in lines)
+  assert lines[-1].endswith("ETA 0m00s")
+  caplog.clear()
+  one = sampling._Progress(total=16, per_call=16, every_s=0.0)  # pylint: disable=protected-access
+  one.update(16)  # a single call says nothing
+  assert not [r for r in caplog.records if r.getMessage().startswith("sampling:")]
