@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Protocol, Sequence
 
 import flax.linen as nn
 import jax
@@ -114,9 +114,31 @@ def prefill(params, prompts_BxP: jax.Array, prompt_lengths_B: jax.Array, *,
   return last, cache, jnp.repeat(prompt_lengths_B.astype(jnp.int32), num_samples)
 
 
+class TokenHook(Protocol):
+  """What a sampling variant plugs into the one decode loop (`sample(..., hook=)`).
+
+  A hook is a frozen (hashable) dataclass: it keys the compiled-sampler cache. Each step it
+  sees the token the sampler chose for every row and may replace it (forced tokens get
+  log-prob 0 and never stop a row) or end rows, keeping its own per-row state. RCRL's
+  label-forcing sampler (`rl.rcrl.StepRule`) is one.
+  """
+
+  def init(self, rows: int) -> Any:
+    """Per-row state before the first decode step (a pytree of [rows] arrays)."""
+
+  def __call__(self, state: Any, chosen_B: jax.Array, done_B: jax.Array, sp: SamplingParams
+               ) -> tuple[jax.Array, jax.Array, jax.Array, Any]:
+    """(token [B], forced [B] bool, ends [B] bool, new state) for one step; rows already
+    `done_B` are padded by the loop whatever the hook returns."""
+
+
 def sample(params, prompts_BxP: jax.Array, prompt_lengths_B: jax.Array, rng: jax.Array, *,
-           model: transformer.Transformer, sp: SamplingParams) -> SampleOutput:
-  """Pure sampling function; jit it with `jit_sample` (or `jax.jit` + static config)."""
+           model: transformer.Transformer, sp: SamplingParams,
+           hook: Optional[TokenHook] = None) -> SampleOutput:
+  """Pure sampling function; jit it with `jit_sample` (or `jax.jit` + static config).
+
+  `hook` (a `TokenHook`) may force tokens and end rows; without one every row samples freely
+  until a stop token, a stop sequence or max_new_tokens."""
   cfg = model.config
   b, p = prompts_BxP.shape
   k, n = sp.num_samples, sp.max_new_tokens
@@ -128,30 +150,36 @@ def sample(params, prompts_BxP: jax.Array, prompt_lengths_B: jax.Array, rng: jax
   rows = b * k
 
   def cond(carry):
-    i, _, _, _, done, _, _ = carry
-    return (i < n) & ~jnp.all(done)
+    return (carry["i"] < n) & ~jnp.all(carry["done"])
 
-  def body(carry):
-    i, tokens, logps, lengths, done, last_logits, cache = carry
-    tok = choose_tokens(last_logits, jax.random.fold_in(rng, i), sp)
-    logp = jnp.take_along_axis(jax.nn.log_softmax(last_logits.astype(jnp.float32), -1),
+  def body(c):
+    i, done = c["i"], c["done"]
+    tok = choose_tokens(c["logits"], jax.random.fold_in(rng, i), sp)
+    forced = ends = jnp.zeros_like(done)
+    hook_state = c["hook"]
+    if hook is not None:
+      tok, forced, ends, hook_state = hook(hook_state, tok, done, sp)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(c["logits"].astype(jnp.float32), -1),
                                tok[:, None], axis=-1)[:, 0]
     tok = jnp.where(done, sp.pad_id, tok)
-    logp = jnp.where(done, 0.0, logp)
-    tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, i))
-    logps = jax.lax.dynamic_update_slice(logps, logp[:, None], (0, i))
-    lengths = lengths + (~done).astype(jnp.int32)
-    done = done | jnp.isin(tok, jnp.asarray(sp.stop_ids, jnp.int32)) | _ends_with_stop(
+    logp = jnp.where(done | forced, 0.0, logp)
+    tokens = jax.lax.dynamic_update_slice(c["tokens"], tok[:, None], (0, i))
+    stop = jnp.isin(tok, jnp.asarray(sp.stop_ids, jnp.int32)) | _ends_with_stop(
         tokens, i, sp.stop_sequences)
     logits, cache = model.apply({"params": params}, tok[:, None], (start + i)[:, None],
-                                cache=cache)
-    return i + 1, tokens, logps, lengths, done, logits[:, 0], cache
+                                cache=c["cache"])
+    return {"i": i + 1, "tokens": tokens,
+            "logps": jax.lax.dynamic_update_slice(c["logps"], logp[:, None], (0, i)),
+            "lengths": c["lengths"] + (~done).astype(jnp.int32),
+            "done": done | (~forced & stop) | ends, "hook": hook_state,
+            "logits": logits[:, 0], "cache": cache}
 
-  init = (jnp.zeros((), jnp.int32), jnp.full((rows, n), sp.pad_id, jnp.int32),
-          jnp.zeros((rows, n), jnp.float32), jnp.zeros((rows,), jnp.int32),
-          jnp.zeros((rows,), jnp.bool_), last, cache)
-  _, tokens, logps, lengths, _, _, _ = jax.lax.while_loop(cond, body, init)
-  return SampleOutput(tokens, lengths, logps)
+  init = {"i": jnp.zeros((), jnp.int32), "tokens": jnp.full((rows, n), sp.pad_id, jnp.int32),
+          "logps": jnp.zeros((rows, n), jnp.float32), "lengths": jnp.zeros((rows,), jnp.int32),
+          "done": jnp.zeros((rows,), jnp.bool_),
+          "hook": None if hook is None else hook.init(rows), "logits": last, "cache": cache}
+  out = jax.lax.while_loop(cond, body, init)
+  return SampleOutput(out["tokens"], out["lengths"], out["logps"])
 
 
 def _ends_with_stop(tokens_BxN: jax.Array, i: jax.Array, stops) -> jax.Array:
@@ -177,25 +205,25 @@ _JITTED: dict = {}
 
 
 def jit_sample(model: transformer.Transformer, sp: SamplingParams, mesh=None, rules=None,
-               param_shardings=None):
+               param_shardings=None, hook: Optional[TokenHook] = None):
   """Jitted `sample(params, prompts, lengths, rng)`; sharded over the data axes on a mesh.
 
-  Cached per (model, sampling params, mesh, rules, param shardings): loops that sample every
-  round reuse one compiled sampler instead of re-tracing a fresh jit each call.
+  Cached per (model, sampling params, hook, mesh, rules, param shardings): loops that sample
+  every round reuse one compiled sampler instead of re-tracing a fresh jit each call.
   """
-  key = (model, sp, mesh, None if rules is None else tuple(map(tuple, rules)),
+  key = (model, sp, hook, mesh, None if rules is None else tuple(map(tuple, rules)),
          id(param_shardings))
   hit = _JITTED.get(key)
   if hit is not None and hit[0] is param_shardings:
     return hit[1]
-  run = _build_sampler(model, sp, mesh, rules, param_shardings)
+  run = _build_sampler(model, sp, mesh, rules, param_shardings, hook)
   # The shardings object is kept alive with the entry, so its id cannot be reused.
   _JITTED[key] = (param_shardings, run)
   return run
 
 
-def _build_sampler(model, sp, mesh, rules, param_shardings):
-  fn = functools.partial(sample, model=model, sp=sp)
+def _build_sampler(model, sp, mesh, rules, param_shardings, hook):
+  fn = functools.partial(sample, model=model, sp=sp, hook=hook)
   if mesh is None:
     return jax.jit(fn)
   rules = rules or sharding_lib.DEFAULT_RULES

@@ -11,8 +11,9 @@ Training text puts each step's label right before it:
 Sampling conditions on "[GOOD]" one step at a time: every row's text is extended by "[GOOD]"
 plus one sampled line, rows that ended (EOS, or a line without newline) drop out. The thesis's
 loop, one sampler call per step, is `conditioned_generate_stepwise`; `conditioned_generate`
-samples the same in one KV-cached call (`forced_sample` forces the label's tokens after every
-newline), since re-encoding every row once per step costs ~20x a plain sample. Labels are
+samples the same in one KV-cached call (`StepRule`, a token hook on the one sampling loop,
+forces the label's tokens after every newline), since re-encoding every row once per step
+costs ~20x a plain sample. Labels are
 stripped (`strip_labels`) before answers are scored.
 
 Everything here is host-side text work, except the two samplers.
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import functools
 from typing import Any, Optional, Sequence
 
 import jax
@@ -380,7 +380,11 @@ def conditioned_generate_stepwise(params, prompts: Sequence[str], *, model, toke
 
 @dataclasses.dataclass(frozen=True)
 class StepRule:
-  """When the fused conditioned sampler forces the label and when a row ends."""
+  """The conditioned sampler's `sampling.TokenHook`: the label forced before every line, and
+  when a row ends. A row's label tokens enter its cache exactly as if they ended its prompt,
+  so one KV-cached `sampling.sample` call samples what the step-by-step loop
+  (`conditioned_generate_stepwise`) samples, without re-encoding every row's text once per
+  step. Log-probs of forced tokens are 0."""
   label_ids: tuple[int, ...]  # forced at the start and after every newline
   newline_ids: tuple[int, ...]
   step_tokens: int  # a line reaching this many tokens without newline ends the row
@@ -393,88 +397,27 @@ class StepRule:
     free = min(self.max_steps * self.step_tokens, self.max_new_tokens + self.step_tokens)
     return free + self.max_steps * len(self.label_ids)
 
+  def init(self, rows: int) -> dict:
+    zeros = jnp.zeros((rows,), jnp.int32)
+    # force: label tokens written of the current line's label; line: free tokens in the
+    # line; used: free tokens in the row; lines: newlines written.
+    return {"force": zeros, "line": zeros, "used": zeros, "lines": zeros}
 
-def forced_sample(params, prompts_BxP: jax.Array, prompt_lengths_B: jax.Array,
-                  rng: jax.Array, *, model, sp: sampling.SamplingParams, rule: StepRule
-                  ) -> sampling.SampleOutput:
-  """`sampling.sample` with the label forced before every line, in one KV-cached loop.
-
-  A row's label tokens enter its cache exactly as if they ended its prompt, so this samples
-  what the step-by-step loop (`conditioned_generate_stepwise`) samples, without re-encoding
-  every row's text once per step. Log-probs of forced tokens are 0.
-  """
-  b, p = prompts_BxP.shape
-  k, n = sp.num_samples, rule.total_tokens
-  n_label = len(rule.label_ids)
-  last, cache, start = sampling.prefill(params, prompts_BxP, prompt_lengths_B, model=model,
-                                        num_samples=k, cache_len=p + n)
-  rows = b * k
-  label = jnp.asarray(rule.label_ids or (sp.pad_id,), jnp.int32)
-  newline = jnp.asarray(rule.newline_ids, jnp.int32)
-
-  def cond(carry):
-    return (carry["i"] < n) & ~jnp.all(carry["done"])
-
-  def body(c):
-    i, done, force = c["i"], c["done"], c["force"]
-    chosen = sampling.choose_tokens(c["logits"], jax.random.fold_in(rng, i), sp)
+  def __call__(self, state, chosen, done, sp):
+    n_label = len(self.label_ids)
+    label = jnp.asarray(self.label_ids or (sp.pad_id,), jnp.int32)
+    force = state["force"]
     forced = force < n_label
     tok = jnp.where(forced, label[jnp.minimum(force, max(n_label - 1, 0))], chosen)
-    logp = jnp.take_along_axis(jax.nn.log_softmax(c["logits"].astype(jnp.float32), -1),
-                               tok[:, None], axis=-1)[:, 0]
-    tok = jnp.where(done, sp.pad_id, tok)
-    logp = jnp.where(done | forced, 0.0, logp)
     free = ~forced & ~done
-    is_nl = free & jnp.isin(tok, newline)
-    line = jnp.where(is_nl, 0, c["line"] + free)
-    used = c["used"] + free
-    lines = c["lines"] + is_nl
-    ends = free & ((tok == sp.eos_id) | (~is_nl & (line >= rule.step_tokens))
-                   | (is_nl & ((lines >= rule.max_steps) | (used >= rule.max_new_tokens))))
+    is_nl = free & jnp.isin(tok, jnp.asarray(self.newline_ids, jnp.int32))
+    line = jnp.where(is_nl, 0, state["line"] + free)
+    used = state["used"] + free
+    lines = state["lines"] + is_nl
+    ends = free & ((tok == sp.eos_id) | (~is_nl & (line >= self.step_tokens))
+                   | (is_nl & ((lines >= self.max_steps) | (used >= self.max_new_tokens))))
     force = jnp.where(forced, force + 1, jnp.where(is_nl, 0, force))
-    logits, cache = model.apply({"params": params}, tok[:, None], (start + i)[:, None],
-                                cache=c["cache"])
-    return {"i": i + 1,
-            "tokens": jax.lax.dynamic_update_slice(c["tokens"], tok[:, None], (0, i)),
-            "logps": jax.lax.dynamic_update_slice(c["logps"], logp[:, None], (0, i)),
-            "lengths": c["lengths"] + (~done).astype(jnp.int32), "done": done | ends,
-            "force": force, "line": line, "used": used, "lines": lines,
-            "logits": logits[:, 0], "cache": cache}
-
-  zeros = jnp.zeros((rows,), jnp.int32)
-  init = {"i": jnp.zeros((), jnp.int32), "tokens": jnp.full((rows, n), sp.pad_id, jnp.int32),
-          "logps": jnp.zeros((rows, n), jnp.float32), "lengths": zeros,
-          "done": jnp.zeros((rows,), jnp.bool_), "force": zeros, "line": zeros,
-          "used": zeros, "lines": zeros, "logits": last, "cache": cache}
-  out = jax.lax.while_loop(cond, body, init)
-  return sampling.SampleOutput(out["tokens"], out["lengths"], out["logps"])
-
-
-_JITTED: dict = {}
-
-
-def _jit_forced(model, sp, rule, mesh, rules, param_shardings):
-  key = (model, sp, rule, mesh, None if rules is None else tuple(map(tuple, rules)),
-         id(param_shardings))
-  hit = _JITTED.get(key)
-  if hit is not None and hit[0] is param_shardings:
-    return hit[1]
-  fn = functools.partial(forced_sample, model=model, sp=sp, rule=rule)
-  if mesh is None:
-    run = jax.jit(fn)
-  else:
-    rules = rules or sharding_lib.DEFAULT_RULES
-    batch2 = sharding_lib.batch_sharding(mesh, rules, 2)
-    batch1 = sharding_lib.batch_sharding(mesh, rules, 1)
-    jitted = jax.jit(fn, in_shardings=(param_shardings, batch2, batch1,
-                                       sharding_lib.replicated(mesh)),
-                     out_shardings=sampling.SampleOutput(batch2, batch1, batch2))
-
-    def run(params, prompts, lengths, key_):
-      with sharding_lib.activation_rules(mesh, rules):
-        return jitted(params, prompts, lengths, key_)
-  _JITTED[key] = (param_shardings, run)
-  return run
+    return tok, forced, ends, {"force": force, "line": line, "used": used, "lines": lines}
 
 
 def conditioned_generate(params, prompts: Sequence[str], *, model, tokenizer,
@@ -495,7 +438,7 @@ def conditioned_generate(params, prompts: Sequence[str], *, model, tokenizer,
                                temperature=temperature, greedy=greedy,
                                eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
                                valid_vocab_size=tokenizer.vocab_size)
-  run = _jit_forced(model, sp, rule, mesh, rules, param_shardings)
+  run = sampling.jit_sample(model, sp, mesh, rules, param_shardings, hook=rule)
   min_rows = 1
   if mesh is not None:
     min_rows = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
