@@ -49,14 +49,14 @@ def save_model(directory: str, cfg: transformer.ModelConfig, params: Any, *,
   tokenizer = dict(tokenizer or {})
   meta_path = storage.join(directory, MODEL_JSON)
   tok_copy = storage.join(directory, TOKENIZER_FILE)
-  tok_bytes = None
+  tok_bytes = None  # the tokenizer to copy in; only the writing process reads it
   if tokenizer.get("kind") == "sentencepiece":
     source = tokenizer["path"]
     if not storage.exists(source):
       raise FileNotFoundError(f"The tokenizer {source} of the model being saved to {directory} "
                               f"does not exist (moved or deleted since the model loaded?)")
-    if os.fspath(source) != tok_copy:
-      tok_bytes = storage.read_bytes(source)  # before anything in `directory` is touched
+    if os.fspath(source) != tok_copy:  # read before anything in `directory` is touched
+      tok_bytes = storage.read_bytes(source) if storage.is_writer() else b""
     tokenizer["path"] = TOKENIZER_FILE
   meta = {"model": dataclasses.asdict(cfg), "tokenizer": tokenizer, "notes": notes or {}}
   storage.barrier(f"save-model:{directory}")  # readers of the old model are done

@@ -262,8 +262,8 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 1
 def generate_text(params, prompts: Sequence[str], *, model: transformer.Transformer, tokenizer,
                   sp: SamplingParams, rng: jax.Array, batch_size: int = 64, mesh=None,
                   rules=None, param_shardings=None, pad_multiple: int = 16,
-                  fixed_batch: bool = False, stop_strings: Sequence[str] = ()
-                  ) -> list[list[str]]:
+                  fixed_batch: bool = False, stop_strings: Sequence[str] = (),
+                  hook: Optional[TokenHook] = None) -> list[list[str]]:
   """Host convenience: K completions (text) for each prompt string.
 
   Prompts are encoded with BOS, grouped into batches of `batch_size` prompts (one sampler
@@ -284,7 +284,7 @@ def generate_text(params, prompts: Sequence[str], *, model: transformer.Transfor
                                tuple(tokenizer.encode(s)) for s in stop_strings))
   if mesh is not None:
     rules = rules or sharding_lib.DEFAULT_RULES
-  run = jit_sample(model, sp, mesh, rules, param_shardings)
+  run = jit_sample(model, sp, mesh, rules, param_shardings, hook)
   min_rows = 1
   if mesh is not None:
     min_rows = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
@@ -315,8 +315,8 @@ def generate_text(params, prompts: Sequence[str], *, model: transformer.Transfor
 class _Progress:
   """Console progress of a long sampling call: rollouts done of total, rollouts/s, ETA.
 
-  Logged (process 0) after each sampler call once the call has taken more than a few seconds,
-  at most every `every_s`, so short calls stay quiet."""
+  Logged by process 0 after a sampler call when `every_s` have passed since the last line,
+  and after the last call; a call that is one sampler call says nothing."""
 
   def __init__(self, total: int, per_call: int, every_s: float = 10.0):
     self.total, self.done, self.every_s = total, 0, every_s

@@ -145,4 +145,6 @@ def test_sft_ei_ppo_rcrl_evaluate(ran):
   assert os.path.exists(os.path.join(root, "rcrl", "rl_report.json"))
   with open(os.path.join(root, "eval", "eval_report.json")) as fh:
     report = json.load(fh)
-  assert "gsm8k" in json.dumps(report)
+  assert report["model_dir"].endswith("/ei/model") and list(report["results"]) == ["gsm8k"]
+  assert report["sampling"]["stop_strings"] == ["\nQuestion:"]
+  assert report["results"]["gsm8k"]["num_problems"] == 8  # every row of gsm8k_test.jsonl

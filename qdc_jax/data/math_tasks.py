@@ -216,12 +216,10 @@ class _Row:
     raise self.error(f"missing field {want} (fields: {sorted(self.data)})")
 
 
-def _flag(flag: Optional[str]) -> str:
-  return flag or "the path flag"
+_NO_FLAG = "the path flag"  # what errors say when the caller names no flag
 
 
-def _expand(path: str, name: str, flag: Optional[str] = None) -> list[str]:
-  flag = _flag(flag)
+def _expand(path: str, name: str, flag: str = _NO_FLAG) -> list[str]:
   if not path:
     raise FileNotFoundError(f"No {DISPLAY_NAMES[name]} file given: set {flag}")
   if any(c in path for c in _GLOB_CHARS):
@@ -263,12 +261,12 @@ def _parquet_rows(path: str, name: str, flag: str) -> Iterator[_Row]:
     yield _Row(data, f"{path}: row {i}", name, flag)
 
 
-def _rows(path: str, name: str, flag: Optional[str] = None) -> Iterator[_Row]:
+def _rows(path: str, name: str, flag: str = _NO_FLAG) -> Iterator[_Row]:
   for file in _expand(os.fspath(path), name, flag):
     if file.lower().endswith(_PARQUET_SUFFIXES):
-      yield from _parquet_rows(file, name, _flag(flag))
+      yield from _parquet_rows(file, name, flag)
     else:
-      yield from _jsonl_rows(file, name, _flag(flag))
+      yield from _jsonl_rows(file, name, flag)
 
 
 # ---------------------------------------------------------------------------
@@ -384,7 +382,7 @@ def load(name: str, path: str, *, flag: Optional[str] = None) -> list[MathExampl
       (naming file, line or row, field, and the flag).
   """
   key = _check_name(name)
-  return [_PARSERS[key](row) for row in _rows(path, key, flag)]
+  return [_PARSERS[key](row) for row in _rows(path, key, flag or _NO_FLAG)]
 
 
 def load_gsm8k(path: str) -> list[MathExample]:

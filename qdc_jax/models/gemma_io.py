@@ -992,8 +992,9 @@ def _main(argv: Sequence[str]) -> None:
       raise app.UsageError("convert needs --out=MODEL_DIR (local or gs://).")
     cfg = convert(f.checkpoint, f.tokenizer, f.out, config_name=config_name,
                   dtype=f.dtype or None, mesh=mesh)
+    from qdc_jax import model_io  # pylint: disable=g-import-not-at-top
     print(f"wrote {f.out}: {_label(cfg, config_name)}, {cfg.param_dtype}, tokenizer "
-          f"tokenizer.model")
+          f"{model_io.TOKENIZER_FILE}")
     return
   dtype = f.dtype or "bfloat16"
   cfg, params = load_gemma(f.checkpoint, config_name=config_name, mesh=mesh,

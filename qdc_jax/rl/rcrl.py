@@ -13,8 +13,7 @@ plus one sampled line, rows that ended (EOS, or a line without newline) drop out
 loop, one sampler call per step, is `conditioned_generate_stepwise`; `conditioned_generate`
 samples the same in one KV-cached call (`StepRule`, a token hook on the one sampling loop,
 forces the label's tokens after every newline), since re-encoding every row once per step
-costs ~20x a plain sample. Labels are
-stripped (`strip_labels`) before answers are scored.
+costs ~20x a plain sample. Labels are stripped (`strip_labels`) before answers are scored.
 
 Everything here is host-side text work, except the two samplers.
 """
@@ -30,7 +29,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from qdc_jax import sampling
-from qdc_jax import sharding as sharding_lib
 from qdc_jax import tokenizers
 
 GOOD = "[GOOD]"
@@ -434,27 +432,10 @@ def conditioned_generate(params, prompts: Sequence[str], *, model, tokenizer,
   rule = StepRule(label_ids=tuple(tokenizer.encode(label)) if label else (),
                   newline_ids=newline_ids(tokenizer), step_tokens=step_tokens,
                   max_steps=max_steps, max_new_tokens=max_new_tokens)
+  # generate_text sets eos, pad and the valid vocabulary from the tokenizer.
   sp = sampling.SamplingParams(max_new_tokens=rule.total_tokens, num_samples=num_samples,
-                               temperature=temperature, greedy=greedy,
-                               eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                               valid_vocab_size=tokenizer.vocab_size)
-  run = sampling.jit_sample(model, sp, mesh, rules, param_shardings, hook=rule)
-  min_rows = 1
-  if mesh is not None:
-    min_rows = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
-  encoded = [tokenizer.encode(p, add_bos=True) for p in prompts]
-  batch_size = max(1, min(batch_size, len(encoded)))
-  out: list[list[str]] = []
-  for first in range(0, len(encoded), batch_size):
-    chunk = encoded[first:first + batch_size]
-    toks, lens = sampling.pad_prompts(chunk + [chunk[-1]] * (batch_size - len(chunk)),
-                                      tokenizer.pad_id, multiple=pad_multiple,
-                                      min_rows=min_rows)
-    if mesh is not None:  # every process holds the whole batch: build global arrays
-      toks = sharding_lib.put_global(toks, mesh, rules or sharding_lib.DEFAULT_RULES)
-      lens = sharding_lib.put_global(lens, mesh, rules or sharding_lib.DEFAULT_RULES)
-    res = sharding_lib.to_host(run(params, toks, lens, jax.random.fold_in(rng, first)))
-    for i in range(len(chunk)):
-      out.append([tokenizer.decode(res.tokens[r, :res.lengths[r]])
-                  for r in range(i * num_samples, (i + 1) * num_samples)])
-  return out
+                               temperature=temperature, greedy=greedy)
+  return sampling.generate_text(params, prompts, model=model, tokenizer=tokenizer, sp=sp,
+                                rng=rng, batch_size=batch_size, mesh=mesh, rules=rules,
+                                param_shardings=param_shardings, pad_multiple=pad_multiple,
+                                hook=rule)
