@@ -95,9 +95,9 @@ def setup_before(cfg, params, prompts, lengths, args, want_tokens):
   sp = sampling.SamplingParams(max_new_tokens=args.new_tokens, num_samples=args.samples,
                                temperature=1.0, eos_id=-1, pad_id=0)
 
-  def choose_before(logits, rng, sp):  # the categorical of before the fix
-    return jax.random.categorical(rng, logits.astype("float32") / sp.temperature,
-                                  axis=-1).astype("int32")
+  def choose_before(logits, keys, sp):  # the categorical of before the fix (today's keys)
+    return jax.vmap(lambda k, l: jax.random.categorical(k, l))(
+        keys, logits.astype("float32") / sp.temperature).astype("int32")
   orig = (sampling.transformer, sampling.choose_tokens)
   sampling.transformer, sampling.choose_tokens = mod, choose_before  # read at trace time
   try:

@@ -45,6 +45,9 @@ def get_config(arg: str = ""):
   c.ei = ml_collections.ConfigDict()
   c.ei.variant = "k16"  # name in the report ('k16' | 'k4' | ...)
   c.ei.k = 16  # completions sampled per train question per round (thesis: 96; K=4 variant)
+  # > 0: rollouts stream through this many decode rows (continuous batching; the same
+  # samples, so not part of the settings fingerprint). Pays when completion lengths spread.
+  c.ei.slots = 0
   c.ei.temperature = 1.0  # rollout temperature (thesis: 1.0)
   c.ei.max_new_tokens = 80  # rollout budget; lab train solutions are <= 76 characters
   # Which samples R_i keeps: 'answer' (thesis: final answer correct, the sparse reward) |

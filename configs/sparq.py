@@ -58,6 +58,10 @@ def get_config(arg: str = ""):
   c.student.tokenizer_path = ""
   c.student.temperature = 1.0  # verification sampling temperature
   c.student.max_new_tokens = 160
+  # > 0: verification rollouts stream through this many decode rows (sampling.sample_stream;
+  # the same samples). Off: on the lab, rows end within ~1.5x of the mean and the plain
+  # sampler is as fast on CPU (docs/benchmarks.md); pays when lengths spread (long budgets).
+  c.student.slots = 0
 
   c.annotator = ml_collections.ConfigDict()
   c.annotator.kind = "oracle"  # 'oracle' (lab: exact skills) | 'lm'

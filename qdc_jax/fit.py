@@ -120,10 +120,13 @@ def fit(tc: ml_collections.ConfigDict, *, model: transformer.Transformer,
     start = 0
     if init_params is not None:
       opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(init_params)
-      state = {"step": jnp.zeros((), jnp.int32),
+      # Every leaf placed as the step returns it (scalars replicated on the mesh): a fresh
+      # scalar on the default device would make step 2 a cache miss and compile the step again.
+      state = {"step": jax.device_put(jnp.zeros((), jnp.int32), shardings["step"]),
                # A copy: the step donates its state, and the caller keeps its params.
                "params": jax.device_put(init_params, shardings["params"], may_alias=False),
-               "opt_state": opt_state, "nonfinite": jnp.zeros((), jnp.bool_)}
+               "opt_state": opt_state,
+               "nonfinite": jax.device_put(jnp.zeros((), jnp.bool_), shardings["nonfinite"])}
     else:
       state, _ = train.create_train_state(rng, model=model, tx=tx, seq_len=tc.seq_len,
                                           mesh=mesh, rules=rules)

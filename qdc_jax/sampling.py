@@ -72,7 +72,8 @@ def filter_logits(logits_BxV: jax.Array, *, top_k: int = 0, top_p: float = 1.0) 
   return logits_BxV
 
 
-def choose_tokens(logits_BxV: jax.Array, rng: jax.Array, sp: SamplingParams) -> jax.Array:
+def choose_tokens(logits_BxV: jax.Array, keys_B: jax.Array, sp: SamplingParams) -> jax.Array:
+  """One token per row; row b draws with its own key keys_B[b] (see `row_keys`)."""
   if sp.valid_vocab_size:
     ids = jnp.arange(logits_BxV.shape[-1])
     logits_BxV = jnp.where(ids < sp.valid_vocab_size, logits_BxV, -jnp.inf)
@@ -80,19 +81,39 @@ def choose_tokens(logits_BxV: jax.Array, rng: jax.Array, sp: SamplingParams) -> 
     return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
   scaled = logits_BxV.astype(jnp.float32) / sp.temperature
   scaled = filter_logits(scaled, top_k=sp.top_k, top_p=sp.top_p)
-  return gumbel_max(rng, scaled)
+  return gumbel_max(keys_B, scaled)
 
 
-def gumbel_max(rng: jax.Array, logits_BxV: jax.Array) -> jax.Array:
-  """The tokens `jax.random.categorical(rng, logits, axis=-1)` draws (the same Gumbel noise,
-  the same first-index tie-break), with the argmax as a max then a min over the indices that
-  reach it: XLA:CPU lowers argmax to a variadic (value, index) reduction that cost ~10% of
-  decode time (docs/benchmarks.md)."""
-  x = logits_BxV + jax.random.gumbel(rng, logits_BxV.shape, logits_BxV.dtype)
+def gumbel_max(keys_B: jax.Array, logits_BxV: jax.Array) -> jax.Array:
+  """For each row b, the token `jax.random.categorical(keys_B[b], logits_BxV[b])` draws (the
+  same Gumbel noise, the same first-index tie-break), with the argmax as a max then a min over
+  the indices that reach it: XLA:CPU lowers argmax to a variadic (value, index) reduction that
+  cost ~10% of decode time (docs/benchmarks.md)."""
+  v = logits_BxV.shape[-1]
+  noise = jax.vmap(lambda k: jax.random.gumbel(k, (v,), logits_BxV.dtype))(keys_B)
+  x = logits_BxV + noise
   m = jnp.max(x, axis=-1, keepdims=True)
   iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
   first = jnp.min(jnp.where(x == m, iota, x.shape[-1]), axis=-1)
   return jnp.minimum(first, x.shape[-1] - 1).astype(jnp.int32)  # all-NaN rows: never past V
+
+
+# What a given key samples. 2: one key per (prompt, sample, position) (`row_keys`), so a row's
+# tokens do not depend on its batch or slot; 1 was one key per decode step for all rows.
+# Settings fingerprints include it: a resumed run never mixes samples of two keyings.
+SAMPLER_VERSION = 2
+
+
+def row_keys(rng: jax.Array, num_prompts: int, num_samples: int) -> jax.Array:
+  """Key of row b*K + k: fold_in(fold_in(rng, b), k); position i draws with fold_in(key, i)."""
+  prompt = jnp.repeat(jnp.arange(num_prompts, dtype=jnp.int32), num_samples)
+  sample_ = jnp.tile(jnp.arange(num_samples, dtype=jnp.int32), num_prompts)
+  return jax.vmap(lambda b, k: jax.random.fold_in(jax.random.fold_in(rng, b), k))(prompt,
+                                                                                  sample_)
+
+
+def _at_position(keys_B: jax.Array, i) -> jax.Array:
+  return jax.vmap(jax.random.fold_in)(keys_B, jnp.broadcast_to(i, keys_B.shape[:1]))
 
 
 def prefill(params, prompts_BxP: jax.Array, prompt_lengths_B: jax.Array, *,
@@ -148,13 +169,14 @@ def sample(params, prompts_BxP: jax.Array, prompt_lengths_B: jax.Array, rng: jax
   last, cache, start = prefill(params, prompts_BxP, prompt_lengths_B, model=model,
                                num_samples=k, cache_len=p + n)
   rows = b * k
+  keys = row_keys(rng, b, k)
 
   def cond(carry):
     return (carry["i"] < n) & ~jnp.all(carry["done"])
 
   def body(c):
     i, done = c["i"], c["done"]
-    tok = choose_tokens(c["logits"], jax.random.fold_in(rng, i), sp)
+    tok = choose_tokens(c["logits"], _at_position(keys, i), sp)
     forced = ends = jnp.zeros_like(done)
     hook_state = c["hook"]
     if hook is not None:
@@ -195,6 +217,83 @@ def _ends_with_stop(tokens_BxN: jax.Array, i: jax.Array, stops) -> jax.Array:
   return hit
 
 
+def sample_stream(params, prompts_BxP: jax.Array, prompt_lengths_B: jax.Array, rng: jax.Array,
+                  *, model: transformer.Transformer, sp: SamplingParams, slots: int,
+                  refill: int = 0) -> SampleOutput:
+  """`sample` by continuous batching: the B*K rows stream through `slots` decode rows.
+
+  The prompts are prefilled once into a bank (one cache row per prompt). `slots` rows decode
+  together; when a row stops, its slot takes the next pending (prompt, sample) by copying
+  that prompt's cache row and last logits from the bank (up to `refill` slots per step, 0 =
+  slots // 8 + 1), so a step is never spent on finished rows while work is pending. Every
+  decision is made on the device, inside the one jitted loop: no host work per step, and on
+  several hosts every process computes the same refills. Randomness is per (prompt, sample,
+  position) (`row_keys`), as in `sample`: for the same key the two return the same tokens.
+  Rows, outputs and padding as `sample`'s; no TokenHook.
+  """
+  cfg = model.config
+  b, p = prompts_BxP.shape
+  k, n = sp.num_samples, sp.max_new_tokens
+  jobs = b * k
+  s = max(1, min(slots, jobs))
+  r = max(1, min(refill or s // 8 + 1, s))
+  if cfg.position == "learned" and p + n > cfg.max_len:
+    raise ValueError(f"Prompt length {p} + max_new_tokens {n} exceeds the learned position "
+                     f"table ({cfg.max_len} rows); shorten one of them.")
+  bank_logits, bank, bank_start = prefill(params, prompts_BxP, prompt_lengths_B, model=model,
+                                          num_samples=1, cache_len=p + n)
+  keys = row_keys(rng, b, k)
+  job = jnp.arange(s, dtype=jnp.int32)
+  axes = transformer.cache_logical_axes(cfg)
+  cache = nn.with_logical_constraint(jax.tree.map(lambda x: x[job // k], bank), axes)
+  stops = jnp.asarray(sp.stop_ids, jnp.int32)
+  ends = jax.vmap(lambda t, i: _ends_with_stop(t[None], i, sp.stop_sequences)[0])
+
+  def cond(c):
+    return jnp.any(c["live"])
+
+  def body(c):
+    job, i, live = c["job"], c["i"], c["live"]
+    tok = choose_tokens(c["logits"], _at_position(keys[job], i), sp)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(c["logits"].astype(jnp.float32), -1),
+                               tok[:, None], axis=-1)[:, 0]
+    tok = jnp.where(live, tok, sp.pad_id)
+    slot = jnp.arange(s)
+    hist = c["hist"].at[slot, jnp.minimum(i, n - 1)].set(tok)
+    dest = jnp.where(live, job, jobs)  # rows not live write nowhere (dropped)
+    finished = live & (jnp.isin(tok, stops) | ends(hist, i) | (i + 1 >= n))
+    logits, cache = model.apply({"params": params}, tok[:, None], (c["start"] + i)[:, None],
+                                cache=c["cache"])
+    out = {"tokens": c["tokens"].at[dest, i].set(tok, mode="drop"),
+           "logps": c["logps"].at[dest, i].set(logp, mode="drop"),
+           "lengths": c["lengths"].at[jnp.where(finished, job, jobs)].set(i + 1, mode="drop")}
+    live = live & ~finished
+    # Refill: the first `r` free slots take the next pending jobs.
+    free_slots = jnp.nonzero(~live, size=r, fill_value=s)[0]
+    new_job = c["next"] + jnp.arange(r, dtype=jnp.int32)
+    take = (free_slots < s) & (new_job < jobs)
+    where = jnp.where(take, free_slots, s)  # s: out of range, dropped
+    src = jnp.minimum(new_job, jobs - 1) // k
+    cache = jax.tree.map(lambda x, y: x.at[where].set(y[src], mode="drop"), cache, bank)
+    cache = nn.with_logical_constraint(cache, axes)
+    return {**out, "cache": cache,
+            "logits": logits[:, 0].at[where].set(bank_logits[src], mode="drop"),
+            "start": c["start"].at[where].set(bank_start[src], mode="drop"),
+            "job": job.at[where].set(new_job, mode="drop"),
+            "i": (i + 1).at[where].set(0, mode="drop"),
+            "live": live.at[where].set(True, mode="drop"),
+            "hist": hist.at[where].set(sp.pad_id, mode="drop"),
+            "next": c["next"] + jnp.sum(take, dtype=jnp.int32)}
+
+  init = {"tokens": jnp.full((jobs, n), sp.pad_id, jnp.int32),
+          "logps": jnp.zeros((jobs, n), jnp.float32), "lengths": jnp.zeros((jobs,), jnp.int32),
+          "cache": cache, "logits": bank_logits[job // k], "start": bank_start[job // k],
+          "job": job, "i": jnp.zeros((s,), jnp.int32), "live": jnp.ones((s,), jnp.bool_),
+          "hist": jnp.full((s, n), sp.pad_id, jnp.int32), "next": jnp.asarray(s, jnp.int32)}
+  out = jax.lax.while_loop(cond, body, init)
+  return SampleOutput(out["tokens"], out["lengths"], out["logps"])
+
+
 def truncate_at_stop(text: str, stop_strings: Sequence[str]) -> str:
   """`text` up to (without) the first occurrence of any stop string."""
   cut = min((j for j in (text.find(s) for s in stop_strings if s) if j >= 0), default=-1)
@@ -205,25 +304,32 @@ _JITTED: dict = {}
 
 
 def jit_sample(model: transformer.Transformer, sp: SamplingParams, mesh=None, rules=None,
-               param_shardings=None, hook: Optional[TokenHook] = None):
+               param_shardings=None, hook: Optional[TokenHook] = None, slots: int = 0,
+               refill: int = 0):
   """Jitted `sample(params, prompts, lengths, rng)`; sharded over the data axes on a mesh.
+  With `slots` > 0 (and no hook) it is `sample_stream` with that many decode rows: the same
+  tokens for the same key, without decoding rows that already stopped.
 
-  Cached per (model, sampling params, hook, mesh, rules, param shardings): loops that sample
-  every round reuse one compiled sampler instead of re-tracing a fresh jit each call.
+  Cached per (model, sampling params, hook, slots, mesh, rules, param shardings), the
+  shardings compared by value: loops that sample every round, and an evaluation of trained
+  params that sit where the initial ones did, reuse one compiled sampler.
   """
-  key = (model, sp, hook, mesh, None if rules is None else tuple(map(tuple, rules)),
-         id(param_shardings))
-  hit = _JITTED.get(key)
-  if hit is not None and hit[0] is param_shardings:
-    return hit[1]
-  run = _build_sampler(model, sp, mesh, rules, param_shardings, hook)
-  # The shardings object is kept alive with the entry, so its id cannot be reused.
-  _JITTED[key] = (param_shardings, run)
+  if slots and hook is not None:
+    raise ValueError("A TokenHook runs in the plain sampler only; use slots=0 with a hook.")
+  leaves, treedef = jax.tree.flatten(param_shardings)
+  key = (model, sp, hook, slots, refill, mesh,
+         None if rules is None else tuple(map(tuple, rules)), treedef, tuple(leaves))
+  run = _JITTED.get(key)
+  if run is None:
+    if slots:
+      fn = functools.partial(sample_stream, model=model, sp=sp, slots=slots, refill=refill)
+    else:
+      fn = functools.partial(sample, model=model, sp=sp, hook=hook)
+    run = _JITTED[key] = _build_sampler(fn, mesh, rules, param_shardings)
   return run
 
 
-def _build_sampler(model, sp, mesh, rules, param_shardings, hook):
-  fn = functools.partial(sample, model=model, sp=sp, hook=hook)
+def _build_sampler(fn, mesh, rules, param_shardings):
   if mesh is None:
     return jax.jit(fn)
   rules = rules or sharding_lib.DEFAULT_RULES
@@ -239,9 +345,25 @@ def _build_sampler(model, sp, mesh, rules, param_shardings, hook):
   return run
 
 
+def bucket_length(n: int, multiple: int) -> int:
+  """The shortest prompt bucket that holds `n` tokens: `multiple` x (1, 2, 3, 4, 6, 8, 12, ...).
+
+  Every distinct prompt length is one more compile of the sampler (seconds on CPU, minutes
+  for a large model on a pod); geometric buckets keep a run to a few shapes while padding at
+  most half of the prompt."""
+  b = max(1, multiple)
+  while b < n:
+    if b >= 2 * multiple and b * 3 // 2 >= n:
+      return b * 3 // 2
+    b *= 2
+  return b
+
+
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 16,
-                min_rows: int = 1) -> tuple[np.ndarray, np.ndarray]:
-  """Right-pad token lists to a shared length (rounded up to `multiple`, to limit recompiles).
+                min_rows: int = 1, max_length: Optional[int] = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """Right-pad token lists to a shared length: the `bucket_length` of the longest (capped at
+  `max_length`, never below the longest rounded up to `multiple`), to limit recompiles.
 
   Rows are padded up to a multiple of `min_rows` with copies of the last prompt (so a batch
   divides the data axes); callers drop outputs beyond len(prompts).
@@ -251,8 +373,10 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 1
   if any(len(x) == 0 for x in prompts):
     raise ValueError("Every prompt needs at least one token (e.g. BOS)")
   rows = list(prompts) + [prompts[-1]] * ((-len(prompts)) % max(1, min_rows))
-  p = max(len(x) for x in rows)
-  p = -(-p // multiple) * multiple
+  longest = max(len(x) for x in rows)
+  p = bucket_length(longest, multiple)
+  if max_length is not None:
+    p = max(min(p, max_length), -(-longest // multiple) * multiple)
   out = np.full((len(rows), p), pad_id, np.int32)
   for i, x in enumerate(rows):
     out[i, :len(x)] = x
@@ -263,18 +387,21 @@ def generate_text(params, prompts: Sequence[str], *, model: transformer.Transfor
                   sp: SamplingParams, rng: jax.Array, batch_size: int = 64, mesh=None,
                   rules=None, param_shardings=None, pad_multiple: int = 16,
                   fixed_batch: bool = False, stop_strings: Sequence[str] = (),
-                  hook: Optional[TokenHook] = None) -> list[list[str]]:
+                  hook: Optional[TokenHook] = None, slots: int = 0) -> list[list[str]]:
   """Host convenience: K completions (text) for each prompt string.
 
   Prompts are encoded with BOS, grouped into batches of `batch_size` prompts (one sampler
   call each, K rows per prompt), and decoded up to EOS. Loops that call this every round keep
-  one compiled shape with `fixed_batch=True` (always `batch_size` rows) and a coarse
-  `pad_multiple` for the prompt length.
+  one compiled shape with `fixed_batch=True` (always `batch_size` rows); prompt lengths are
+  padded to geometric buckets of `pad_multiple` (`bucket_length`).
 
   `stop_strings` end a row when generated (base models, which would otherwise run on and
   invent the next "Question:"): decoding stops on the device once a row's tokens end with a
   stop string's encoding, and each text is cut before the first stop string, so a stop
   string that tokenises differently in context still ends the text exactly there.
+
+  `slots` > 0 streams each call's rows through that many decode rows (`sample_stream`): the
+  same texts for the same key, faster when lengths vary (a row that stops frees its slot).
   """
   # Model vocabularies are often padded past the tokenizer's; never sample those ids.
   stop_strings = tuple(s for s in stop_strings if s)
@@ -284,13 +411,18 @@ def generate_text(params, prompts: Sequence[str], *, model: transformer.Transfor
                                tuple(tokenizer.encode(s)) for s in stop_strings))
   if mesh is not None:
     rules = rules or sharding_lib.DEFAULT_RULES
-  run = jit_sample(model, sp, mesh, rules, param_shardings, hook)
   min_rows = 1
   if mesh is not None:
     min_rows = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
   if not prompts:
     return []
+  if slots:  # slots are sharded like rows: a multiple of the data axes
+    slots = -(-slots // min_rows) * min_rows
+  run = jit_sample(model, sp, mesh, rules, param_shardings, hook, slots=slots)
   encoded = [tokenizer.encode(p, add_bos=True) for p in prompts]
+  # A learned position table bounds prompt + new tokens; buckets never pad past it.
+  max_prompt = (model.config.max_len - sp.max_new_tokens
+                if model.config.position == "learned" else None)
   if not fixed_batch:
     batch_size = max(1, min(batch_size, len(encoded)))
   out: list[list[str]] = []
@@ -299,7 +431,8 @@ def generate_text(params, prompts: Sequence[str], *, model: transformer.Transfor
     chunk = encoded[start:start + batch_size]
     # A fixed row count per call keeps one compiled shape for all full batches.
     toks, lens = pad_prompts(chunk + [chunk[-1]] * (batch_size - len(chunk)),
-                             tokenizer.pad_id, multiple=pad_multiple, min_rows=min_rows)
+                             tokenizer.pad_id, multiple=pad_multiple, min_rows=min_rows,
+                             max_length=max_prompt)
     if mesh is not None:  # every process holds the whole batch: build global arrays
       toks, lens = sharding_lib.put_global(toks, mesh, rules), sharding_lib.put_global(
           lens, mesh, rules)

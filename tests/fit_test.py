@@ -114,3 +114,19 @@ def test_cli_smoke_run_writes_metrics_tensorboard_and_report(tmp_path):
   assert report["eval_tokens"] > 0
   assert json.loads((tmp_path / "config.json").read_text())["model"]["d_ff"] == 128
   assert glob.glob(str(tmp_path / "tb" / "train" / "events.out.tfevents.*"))
+
+
+def test_train_step_compiles_once_per_fit_from_given_params(tmp_path, caplog):
+  # On a 2-device mesh a fresh state's scalars must already sit where the step puts them:
+  # otherwise step 2 misses the jit cache and compiles the whole step again (minutes on a pod).
+  config, kw = _setup(steps=3, save_every=3, log_every=1)
+  kw["mesh"] = sharding_lib.make_mesh((2, 1, 1), jax.devices()[:2])
+  init = fit.fit(config.train, workdir=str(tmp_path / "base"), **kw).params  # as SFT's base
+  caplog.set_level("WARNING", logger="jax._src.dispatch")
+  caplog.clear()
+  with jax.log_compiles():
+    fit.fit(config.train, workdir=str(tmp_path / "run"), init_params=init, **kw)
+  # Traces, not compiles: a persistent-cache hit compiles nothing but still traces a miss.
+  traces = [r.getMessage() for r in caplog.records
+            if "Finished tracing train_step for jit" in r.getMessage()]
+  assert len(traces) == 1, traces

@@ -79,7 +79,9 @@ def test_generator_smoke_then_evaluate_smoke(tmp_path):
   assert g["n"] == 8 and 0 <= g["valid_rate"] <= g["parse_rate"] <= 1
   assert sum(g["failures"].values()) + round(g["parse_rate"] * 8) == 8
 
-  lm.run(arith_lab.get_config("smoke"), str(tmp_path / "student"))
+  student = arith_lab.get_config("smoke")
+  student.mesh.shape = (2, 2, 2)  # every mesh axis in use, as the multi-process test runs it
+  lm.run(student, str(tmp_path / "student"))
   config = evaluate_config.get_config("smoke")
   config.model_dir = str(tmp_path / "student" / "model")
   report = evaluate.run(config, str(tmp_path))

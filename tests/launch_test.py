@@ -265,6 +265,28 @@ def calls(fake):
   return [l.split()[3] for l in text.splitlines()]
 
 
+def _as_from_a_terminal():
+  """SIGINT as a shell started from a terminal gets it: default action, not blocked. (A test
+  process may inherit it blocked or ignored from the libraries loaded before it, and a child
+  inherits both, so Ctrl-C would not reach the stream.)"""
+  signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _session_runs(sid: int, name: bytes) -> bool:
+  """Whether a process named `name` runs in session `sid` (Linux /proc)."""
+  for d in os.listdir("/proc"):
+    try:
+      with open(f"/proc/{d}/stat", "rb") as f:
+        stat = f.read()
+    except (OSError, ValueError):
+      continue
+    comm, rest = stat[stat.index(b"(") + 1:stat.rindex(b")")], stat[stat.rindex(b")") + 2:]
+    if comm == name and int(rest.split()[3]) == sid:
+      return True
+  return False
+
+
 def test_fake_pod_run_rerun_attach_stop(fake):
   root = fake.root
   # First run: creates the VM, copies, starts on both workers, streams worker 0 until it ends.
@@ -290,11 +312,15 @@ def test_fake_pod_run_rerun_attach_stop(fake):
   (root / "calls").unlink()
   proc = subprocess.Popen(["bash", str(fake.repo / "launch" / "tpu_vm.sh"), *BASE],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          env=fake.env, start_new_session=True)
+                          env=fake.env, start_new_session=True, preexec_fn=_as_from_a_terminal)
   deadline = time.time() + 30
   while time.time() < deadline and calls(fake) != ["describe", "ssh", "ssh"]:
     time.sleep(0.2)
   assert calls(fake) == ["describe", "ssh", "ssh"]  # describe, is-it-running, tail
+  # The fake ssh logs a call before it runs it: Ctrl-C once `tail` itself runs (a signal
+  # that lands before would leave a tail -F nobody stops, under load).
+  while time.time() < deadline and not _session_runs(proc.pid, b"tail"):
+    time.sleep(0.2)
   os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C on the stream ...
   proc.communicate(timeout=30)
   assert (root / "w0" / "qdc_jax_job.pid").read_text().strip() == pid0

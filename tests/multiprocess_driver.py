@@ -6,6 +6,8 @@
 Each SPEC (configs/x.py:arg) runs in OUT/<x>_<arg> through the registry, as qdc_jax.main does
 (same distributed start-up and config.json), so one process start and one
 `jax.distributed.initialize` serve every experiment; that keeps the 2-process tests in budget.
+A finished SPEC leaves OUT/<x>_<arg>/DRIVER_DONE (one writer, then a barrier); a re-launch
+after a kill skips those and resumes the one that was running.
 """
 
 import ast
@@ -51,8 +53,12 @@ def main(argv):
         node = node[p]
       node[leaf] = ast.literal_eval(value)
     workdir = os.path.join(out, os.path.basename(spec).replace(".py", "").replace(":", "_"))
+    done = os.path.join(workdir, "DRIVER_DONE")
+    if storage.exists(done):  # every process sees the same marker: the same calls follow
+      continue
     storage.makedirs(workdir)
     registry.get("experiment", c.experiment)(c, workdir)
+    storage.write_text(done, f"{time.time() - t:.1f}\n")
     print(f"DONE {spec} {time.time() - t:.1f}s", flush=True)
 
 

@@ -5,10 +5,15 @@ processes, `jax.distributed.initialize` from the entry point's flags) and once i
 with 8 devices, on the same (data=2, fsdp=2, tensor=2) mesh; the data axis spans the two
 processes. What comes from a fixed model (SPARQ archives, rollouts, evaluation results, counts)
 must be exactly equal; what comes after training steps agrees within TRAIN_RTOL (the reductions
-across processes may round differently in the last bits). SPARQ's and EI's 2-process jobs have
-one process SIGKILLed mid-run: the survivor must exit non-zero within a bounded time, and the
-re-launch must finish with exactly the single-process result (so those jobs are also their
-2-process results).
+across processes may round differently in the last bits).
+
+The 2-process job runs all seven configs one after the other and is SIGKILLed twice: one
+process dies in SPARQ's round 1, and, after the re-launch, in EI's round 1. Each time the
+survivor must exit non-zero within a bounded time, and the re-launch must go on with nothing
+lost or duplicated; what the third launch finishes with is compared with the single-process
+run. (One job instead of one per experiment: process start, distributed start-up and compiles
+are most of the time; the re-launches reuse the killed launch's compiles from a persistent
+compilation cache.)
 """
 
 import json
@@ -22,6 +27,8 @@ import time
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.multiprocess
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRIVER = os.path.join(REPO, "tests", "multiprocess_driver.py")
 MESH = "(2, 2, 2)"
@@ -33,9 +40,9 @@ TRAIN_RTOL = 1e-4
 # A dead peer must end the survivor within this long (heartbeat 10 s, plus shutdown).
 SURVIVOR_DEADLINE_S = 90
 TIMING_KEYS = ("seconds", "_s", "per_s", "time")
-# SPARQ's and EI's 2-process runs are SIGKILLed mid-run and re-launched; what they finish with
-# is compared with the single-process run (a kill must lose and duplicate nothing).
-KILLED = (SPECS[0], SPECS[1])
+# Where the 2-process job is killed: in SPARQ's round 1, then (second launch) in EI's round 1.
+KILL_POINTS = ((SPECS[0], os.path.join("archive", "round_000001.json")),
+               (SPECS[1], os.path.join("round_1", "samples.jsonl")))
 
 
 def _port() -> int:
@@ -44,14 +51,10 @@ def _port() -> int:
     return s.getsockname()[1]
 
 
-_CACHE = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"qdc_mp_jax_cache_{os.getpid()}")
-
-
 def _env(devices: int) -> dict:
+  # The environment carries conftest's persistent compilation cache: the re-launches after a
+  # kill reuse what the killed launch compiled.
   env = dict(os.environ)
-  # The kill and resume launches compile what the first 2-process run compiled: reuse it.
-  env.update(JAX_COMPILATION_CACHE_DIR=_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
@@ -98,16 +101,39 @@ def _main_cmd(spec, workdir):
   return args
 
 
+def _kill_one(procs, logs, ready):
+  """Wait until `ready()`, SIGKILL process 1; the survivor must fail fast. Seconds it took."""
+  deadline = time.time() + 1500
+  while not ready():
+    assert time.time() < deadline, open(logs[0]).read()[-3000:]
+    assert procs[0].poll() is None, f"finished before the kill:\n{open(logs[0]).read()[-2000:]}"
+    time.sleep(0.2)
+  procs[1].send_signal(signal.SIGKILL)
+  t0 = time.time()
+  try:
+    procs[0].wait(timeout=SURVIVOR_DEADLINE_S)
+  except subprocess.TimeoutExpired:
+    procs[0].kill()
+    raise AssertionError(f"survivor still running {SURVIVOR_DEADLINE_S}s after its peer died")
+  assert procs[0].returncode != 0, open(logs[0]).read()[-2000:]
+  return time.time() - t0
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  """The single-process runs of every smoke config and the 2-process runs of those that are
-  not killed (SPARQ's and EI's 2-process results are their killed-then-resumed jobs)."""
+  """(single-process out dir, 2-process out dir, root, {spec: seconds the survivor of the kill
+  in that spec took to exit}). The single-process run goes alongside the 2-process launches."""
   root = tmp_path_factory.mktemp("mp")
   one, two = str(root / "one"), str(root / "two")
   p1, l1 = _launch(_driver(one, SPECS), 1, str(root), "one")
-  p2, l2 = _launch(_driver(two, [s for s in SPECS if s not in KILLED]), 2, str(root), "two")
-  _wait(p1 + p2, l1 + l2, timeout=2400)
-  return one, two, str(root)
+  waited = {}
+  for n, (spec, marker) in enumerate(KILL_POINTS):
+    procs, logs = _launch(_driver(two, SPECS), 2, str(root), f"two{n}")
+    waited[spec] = _kill_one(procs, logs, lambda: os.path.exists(
+        os.path.join(_workdir(two, spec), marker)))
+  procs, logs = _launch(_driver(two, SPECS), 2, str(root), "two_last")
+  _wait(p1 + procs, l1 + logs, timeout=2400)
+  return one, two, str(root), waited
 
 
 def _workdir(root, spec):
@@ -148,9 +174,9 @@ def _close_metrics(a_path, b_path, keys=("loss",)):
         np.testing.assert_allclose(rb[k], ra[k], rtol=TRAIN_RTOL, err_msg=f"{b_path} {k}")
 
 
-def test_sparq_archive_and_evaluation_equal(runs, killed):
-  one, _, _ = runs
-  a, b = _workdir(one, SPECS[0]), killed[SPECS[0]][0]
+def test_sparq_archive_and_evaluation_equal(runs):
+  one, two, _, _ = runs
+  a, b = _workdir(one, SPECS[0]), _workdir(two, SPECS[0])
   names = sorted(os.listdir(os.path.join(a, "archive")))
   assert names == sorted(os.listdir(os.path.join(b, "archive")))
   assert any(n.endswith(".jsonl") and n != "round_000000.jsonl" for n in names)
@@ -171,9 +197,9 @@ def test_sparq_archive_and_evaluation_equal(runs, killed):
       "num_training_pairs"]
 
 
-def test_ei_rollouts_equal_and_training_close(runs, killed):
-  one, _, _ = runs
-  a, b = _workdir(one, SPECS[1]), killed[SPECS[1]][0]
+def test_ei_rollouts_equal_and_training_close(runs):
+  one, two, _, _ = runs
+  a, b = _workdir(one, SPECS[1]), _workdir(two, SPECS[1])
   assert _json(os.path.join(a, "round_0", "done.json")) == _json(
       os.path.join(b, "round_0", "done.json"))
   # Round 1 samples from the fixed base: exactly equal. Round 2 samples from a trained model.
@@ -190,7 +216,7 @@ def test_ei_rollouts_equal_and_training_close(runs, killed):
 
 
 def test_sft_and_lab_trainer_training_close(runs):
-  one, two, _ = runs
+  one, two, _, _ = runs
   _close_metrics(os.path.join(_workdir(one, SPECS[2]), "sft_metrics.jsonl"),
                  os.path.join(_workdir(two, SPECS[2]), "sft_metrics.jsonl"))
   a, b = _workdir(one, SPECS[6]), _workdir(two, SPECS[6])
@@ -199,7 +225,7 @@ def test_sft_and_lab_trainer_training_close(runs):
 
 
 def test_evaluate_equal(runs):
-  one, two, _ = runs
+  one, two, _, _ = runs
   assert _json(os.path.join(_workdir(one, SPECS[3]), "eval_report.json")) == _json(
       os.path.join(_workdir(two, SPECS[3]), "eval_report.json"))
   assert _json(os.path.join(_workdir(one, SPECS[3]), "eval_examples.json")) == _json(
@@ -207,7 +233,7 @@ def test_evaluate_equal(runs):
 
 
 def test_ppo_first_rollouts_equal_and_training_close(runs):
-  one, two, _ = runs
+  one, two, _, _ = runs
   a = _rows(os.path.join(_workdir(one, SPECS[4]), "ppo_metrics.jsonl"))
   b = _rows(os.path.join(_workdir(two, SPECS[4]), "ppo_metrics.jsonl"))
   assert [r["step"] for r in a] == [r["step"] for r in b]
@@ -220,7 +246,7 @@ def test_ppo_first_rollouts_equal_and_training_close(runs):
 
 
 def test_rcrl_rollout_labels_equal(runs):
-  one, two, _ = runs
+  one, two, _, _ = runs
   a, b = _workdir(one, SPECS[5]), _workdir(two, SPECS[5])
   assert _bytes(os.path.join(a, "rcrl_data.jsonl")) == _bytes(
       os.path.join(b, "rcrl_data.jsonl"))
@@ -229,47 +255,9 @@ def test_rcrl_rollout_labels_equal(runs):
   _close_metrics(os.path.join(a, "rcrl_metrics.jsonl"), os.path.join(b, "rcrl_metrics.jsonl"))
 
 
-def _kill_then_resume(runs, spec, ready):
-  """2-process qdc_jax.main; SIGKILL process 1 once `ready(workdir)`; the survivor must fail
-  fast; then both are re-launched on the same workdir and must finish."""
-  one, _, root = runs
-  workdir = os.path.join(root, "kill_" + os.path.basename(spec).split(".")[0])
-  procs, logs = _launch(_main_cmd(spec, workdir), 2, root, "kill")
-  deadline = time.time() + 1200
-  while not ready(workdir):
-    assert time.time() < deadline, open(logs[0]).read()[-3000:]
-    assert procs[0].poll() is None, f"finished before the kill:\n{open(logs[0]).read()[-2000:]}"
-    time.sleep(0.2)
-  procs[1].send_signal(signal.SIGKILL)
-  t0 = time.time()
-  try:
-    procs[0].wait(timeout=SURVIVOR_DEADLINE_S)
-  except subprocess.TimeoutExpired:
-    procs[0].kill()
-    raise AssertionError(f"survivor still running {SURVIVOR_DEADLINE_S}s after its peer died")
-  assert procs[0].returncode != 0
-  waited = time.time() - t0
-  procs, logs = _launch(_main_cmd(spec, workdir), 2, root, "resume")
-  _wait(procs, logs, timeout=1200)
-  return workdir, _workdir(one, spec), waited
-
-
-@pytest.fixture(scope="module")
-def killed(runs):
-  """{spec: (workdir, seconds the survivor took to exit)} for the killed-and-resumed jobs."""
-  ready = {SPECS[0]: lambda w: os.path.exists(os.path.join(w, "archive", "round_000001.json")),
-           SPECS[1]: lambda w: os.path.exists(os.path.join(w, "round_1", "samples.jsonl"))}
-  out = {}
-  for spec in KILLED:
-    workdir, _, waited = _kill_then_resume(runs, spec, ready[spec])
-    out[spec] = (workdir, waited)
-  return out
-
-
-def test_sparq_killed_process_fails_fast_and_resumes_exactly(runs, killed):
-  workdir, waited = killed[SPECS[0]]
-  ref = _workdir(runs[0], SPECS[0])
-  assert waited < SURVIVOR_DEADLINE_S
+def test_sparq_killed_process_fails_fast_and_resumes_exactly(runs):
+  workdir, ref = _workdir(runs[1], SPECS[0]), _workdir(runs[0], SPECS[0])
+  assert runs[3][SPECS[0]] < SURVIVOR_DEADLINE_S
   for n in sorted(os.listdir(os.path.join(ref, "archive"))):
     got, want = (_bytes(os.path.join(d, "archive", n)) for d in (workdir, ref))
     if n.endswith(".json"):
@@ -284,10 +272,9 @@ def test_sparq_killed_process_fails_fast_and_resumes_exactly(runs, killed):
       os.path.join(ref, "eval_baseline.json"))
 
 
-def test_ei_killed_process_fails_fast_and_resumes_exactly(runs, killed):
-  workdir, waited = killed[SPECS[1]]
-  ref = _workdir(runs[0], SPECS[1])
-  assert waited < SURVIVOR_DEADLINE_S
+def test_ei_killed_process_fails_fast_and_resumes_exactly(runs):
+  workdir, ref = _workdir(runs[1], SPECS[1]), _workdir(runs[0], SPECS[1])
+  assert runs[3][SPECS[1]] < SURVIVOR_DEADLINE_S
   for f in ("round_0/done.json", "round_1/samples.jsonl", "round_1/dataset.jsonl"):
     got, want = (os.path.join(d, f) for d in (workdir, ref))
     if f.endswith(".json"):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from qdc_jax import model_io
+from qdc_jax import sampling
 from qdc_jax import tokenizers
 from qdc_jax.data import answers, arith
 from qdc_jax.experiments import ei as ei_exp
@@ -139,6 +140,13 @@ def test_workdir_with_other_settings_is_refused(tmp_path):
     ei_exp.check_settings(str(tmp_path), c)
   c.ei.k, c.train.opt.lr = 4, EI_CFG.get_config("smoke").train.opt.lr  # a JSON round trip
   ei_exp.check_settings(str(tmp_path), c)  # of the same settings is the same
+  # A workdir sampled by another sampler version (what a key draws changed) is refused.
+  path = tmp_path / ei_exp.SETTINGS_FILE
+  old = json.loads(path.read_text())
+  old["sampler_version"] = sampling.SAMPLER_VERSION - 1
+  path.write_text(json.dumps(old))
+  with pytest.raises(ValueError, match="sampler_version"):
+    ei_exp.check_settings(str(tmp_path), c)
 
 
 def test_configs_args_and_gemma_presets_validate():

@@ -282,6 +282,8 @@ def _smoke_config(**overrides):
   c = mod.get_config("smoke")
   c.task.val_size, c.task.test_size = 4, 4
   c.eval.every = 100  # evaluate at the start and the end only
+  # Every mesh axis in use (data, fsdp, tensor), as the multi-process test runs this config.
+  c.mesh.shape = (2, 2, 2)
   for k, v in overrides.items():
     node = c
     *parents, leaf = k.split(".")

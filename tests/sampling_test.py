@@ -84,6 +84,35 @@ def test_greedy_equals_naive_decode_with_mixed_prompt_lengths():
       assert np.all(out.logprobs[row, len(ref):] == 0.0)
 
 
+@pytest.mark.parametrize("multiple", [1, 4, 16, 64])
+def test_prompt_buckets_are_the_shortest_geometric_bucket(multiple):
+  # Reference: the bucket set written out, multiple x (1, 2, 3, 4, 6, 8, 12, ...).
+  buckets = sorted({multiple * 2 ** k for k in range(14)}
+                   | {multiple * 3 * 2 ** k for k in range(13)})
+  for n in range(1, 3000):
+    assert sampling.bucket_length(n, multiple) == min(b for b in buckets if b >= n), n
+  # Capped (a learned position table), never below the longest rounded up to `multiple`.
+  toks, lens = sampling.pad_prompts([[5] * 37], PAD, multiple=multiple, max_length=40)
+  assert toks.shape[1] == max(min(sampling.bucket_length(37, multiple), 40),
+                              -(-37 // multiple) * multiple)
+  assert list(lens) == [37]
+
+
+def test_padding_to_a_longer_bucket_changes_no_token():
+  model, params = _model()
+  prompts = _prompts([3, 11, 7, 1], seed=2)
+  sp = sampling.SamplingParams(max_new_tokens=12, num_samples=2, eos_id=EOS, pad_id=PAD)
+  run = sampling.jit_sample(model, sp)
+  outs = []
+  for width in (12, 24):
+    toks, lens = sampling.pad_prompts(prompts, PAD, multiple=width)
+    assert toks.shape[1] == width
+    outs.append(jax.device_get(run(params, toks, lens, jax.random.PRNGKey(5))))
+  np.testing.assert_array_equal(outs[0].tokens, outs[1].tokens)
+  np.testing.assert_array_equal(outs[0].lengths, outs[1].lengths)
+  np.testing.assert_allclose(outs[0].logprobs, outs[1].logprobs, atol=1e-5)
+
+
 @pytest.mark.parametrize("kw", [dict(temperature=1.0), dict(temperature=0.7, top_k=5),
                                 dict(temperature=1.3, top_p=0.8)])
 def test_logprobs_equal_full_forward(kw):
@@ -119,7 +148,8 @@ def test_filter_logits_against_sorted_reference():
   assert kept.tolist() == [False, True, False, True, False]
 
 
-def test_sharded_sampling_matches_single_device():
+@pytest.mark.parametrize("slots", [0, 4])  # the plain sampler, the stream sampler
+def test_sharded_sampling_matches_single_device(slots):
   model, params = _model()
   prompts = _prompts([4, 6, 3, 8], seed=2)
   toks, lens = sampling.pad_prompts(prompts, PAD, multiple=8)
@@ -132,7 +162,7 @@ def test_sharded_sampling_matches_single_device():
   abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
   shardings = sharding.logical_to_shardings(T.nn.get_partition_spec(abstract), mesh, rules)
   sharded_params = jax.device_put(params, shardings["params"])
-  run = sampling.jit_sample(model, sp, mesh, rules, shardings["params"])
+  run = sampling.jit_sample(model, sp, mesh, rules, shardings["params"], slots=slots)
   out = run(sharded_params, toks, lens, rng)
   assert out.tokens.sharding.spec[0] == ("data", "fsdp")
   out = jax.device_get(out)
@@ -191,6 +221,24 @@ def test_stop_strings_end_rows_on_device_and_cut_text():
   assert int(out.lengths[0]) < 24
 
 
+def test_generate_text_with_slots_returns_the_same_texts_in_batches():
+  # Keys are per (prompt, sample, position) within a call: the texts do not depend on
+  # streaming, and a stop string still cuts each text.
+  from qdc_jax import tokenizers
+  tok = tokenizers.make_tokenizer("char", alphabet="abcdefgh")
+  cfg = configs.get_model_config("lab_tiny", vocab_size=tok.vocab_size + 2, num_layers=2)
+  model = T.Transformer(cfg)
+  params = model.init(jax.random.PRNGKey(4), jnp.zeros((1, 8), jnp.int32))["params"]
+  sp = sampling.SamplingParams(max_new_tokens=12, num_samples=3, temperature=1.0)
+  prompts = ["ab", "cde", "h", "gg", "abcdefg"]
+  kw = dict(model=model, tokenizer=tok, sp=sp, rng=jax.random.PRNGKey(9), batch_size=2,
+            stop_strings=["ee"])
+  plain = sampling.generate_text(params, prompts, **kw)
+  assert sampling.generate_text(params, prompts, slots=4, **kw) == plain
+  assert len({t for row in plain for t in row}) > 5 and not any("ee" in t for r in plain
+                                                                 for t in r)
+
+
 def test_gumbel_max_draws_what_jax_random_categorical_draws():
   # The independent reference: jax.random.categorical with the same key, on logits with
   # masked (-inf) entries, large and tiny scales, and a small and a Gemma-like vocabulary.
@@ -201,8 +249,42 @@ def test_gumbel_max_draws_what_jax_random_categorical_draws():
       logits = scale * jax.random.normal(jax.random.PRNGKey(1000 + seed), (16, v))
       logits = jnp.where(jax.random.bernoulli(jax.random.PRNGKey(2000 + seed), 0.3, (16, v)),
                          -jnp.inf, logits).at[:, 0].set(0.0)  # at least one finite entry
-      np.testing.assert_array_equal(np.asarray(fn(key, logits)),
-                                    np.asarray(jax.random.categorical(key, logits, axis=-1)))
+      keys = jax.random.split(key, 16)  # one key per row, as the sampler keys its rows
+      want = jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys, logits)
+      np.testing.assert_array_equal(np.asarray(fn(keys, logits)), np.asarray(want))
+
+
+def test_row_keys_are_per_prompt_sample_and_position():
+  # Independent reference: the fold_in chain written out for each row.
+  rng = jax.random.PRNGKey(7)
+  keys = sampling.row_keys(rng, 3, 2)
+  for row in range(6):
+    want = jax.random.fold_in(jax.random.fold_in(rng, row // 2), row % 2)
+    np.testing.assert_array_equal(np.asarray(keys[row]), np.asarray(want))
+  assert len({tuple(np.asarray(k)) for k in keys}) == 6
+
+
+@pytest.mark.parametrize("kw", [dict(greedy=True), dict(temperature=1.0),
+                                dict(temperature=0.8, top_k=5)])
+@pytest.mark.parametrize("slots,refill", [(2, 1), (5, 2), (64, 0)])
+def test_stream_sampler_gives_the_plain_samplers_tokens(kw, slots, refill):
+  # Continuous batching changes which rows decode together, not what any row samples:
+  # the same tokens, lengths and log-probs as the plain sampler for the same key, with rows
+  # that stop at different steps (EOS likely, a stop sequence) so slots are refilled.
+  model, params = _model()
+  prompts = _prompts([3, 11, 7, 1, 5], seed=4)
+  toks, lens = sampling.pad_prompts(prompts, PAD, multiple=4)
+  sp = sampling.SamplingParams(max_new_tokens=14, num_samples=3, eos_id=EOS, pad_id=PAD,
+                               stop_sequences=((17, 17),), **kw)
+  plain = jax.device_get(sampling.jit_sample(model, sp)(params, toks, lens,
+                                                        jax.random.PRNGKey(11)))
+  stream = jax.device_get(sampling.jit_sample(model, sp, slots=slots, refill=refill)(
+      params, toks, lens, jax.random.PRNGKey(11)))
+  if not kw.get("greedy"):
+    assert len(set(plain.lengths.tolist())) > 2  # rows really stop at different steps
+  np.testing.assert_array_equal(stream.tokens, plain.tokens)
+  np.testing.assert_array_equal(stream.lengths, plain.lengths)
+  np.testing.assert_allclose(stream.logprobs, plain.logprobs, atol=1e-5)
 
 
 def test_sampling_progress_lines(caplog):

@@ -49,7 +49,7 @@ CURVE_PNG = "ei_curve.png"
 # Knobs that decide only how many rounds run (each round's content does not depend on them),
 # or only logging / checkpoint cadence: they may change on a resume.
 _NOT_FINGERPRINTED = {"ei": ("rounds", "patience", "min_gain", "stop_after_round", "variant",
-                             "prune_checkpoints"),
+                             "prune_checkpoints", "slots"),
                       "train": ("stop_at_step", "log_every", "save_every", "keep",
                                 "async_checkpoint")}
 
@@ -105,7 +105,7 @@ def rollouts(params, task: common.Task, *, policy: common.Policy, c, round_index
       rng=jax.random.fold_in(jax.random.PRNGKey(c.seed), round_index),
       batch_size=c.batch_size, mesh=mesh, rules=rules, param_shardings=policy.shardings,
       pad_multiple=_prompt_pad(policy, prompts), fixed_batch=True,
-      stop_strings=tuple(c.get("stop_strings", ())))
+      stop_strings=tuple(c.get("stop_strings", ())), slots=c.get("slots", 0))
 
 
 def train_config(tc, dataset, tokenizer):

@@ -145,7 +145,8 @@ def run(config, workdir: str) -> dict:
   generator = agents.LMGenerator(gen_lm, config.prompt_format, config.generator.temperature,
                                  config.generator.max_new_tokens, sc.parents_per_round)
   student = agents.LMStudent(student_lm, config.prompt_format, config.student.temperature,
-                             config.student.max_new_tokens, sc.parents_per_round)
+                             config.student.max_new_tokens, sc.parents_per_round,
+                             config.student.get("slots", 0))
   if config.annotator.kind == "oracle":
     annotator = skills.OracleAnnotator()
   else:

@@ -471,13 +471,6 @@ def params_from_hf_safetensors(path_or_dir: str, cfg: transformer.ModelConfig, *
   return traverse_util.unflatten_dict(flat)
 
 
-def _gather(x: Any) -> np.ndarray:
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))
-
-
 def params_to_hf_safetensors(params: PyTree, cfg: transformer.ModelConfig, out_dir: str, *,
                              dtype: Optional[str] = None,
                              max_shard_bytes: Optional[int] = None,
@@ -540,7 +533,7 @@ def params_to_hf_safetensors(params: PyTree, cfg: transformer.ModelConfig, out_d
         fh.write(struct.pack("<Q", len(blob)) + blob)
       for i in group:
         key, path, leaf = entries[i]
-        ours = _gather(flat[path])  # collective: every process runs it
+        ours = sharding_lib.to_host(flat[path])  # collective: every process runs it
         view = ours.transpose(np.argsort(leaf.perm))
         if fh:
           fh.write(np.ascontiguousarray(view.reshape(leaf.src_shape), dtype=np_dtype).tobytes())
@@ -1016,7 +1009,10 @@ def _main(argv: Sequence[str]) -> None:
   shardings = jax.tree.map(lambda x: x.sharding, params) if mesh is not None else None
   run = sampling.jit_sample(transformer.Transformer(cfg), sp, mesh,
                             sharding_lib.DEFAULT_RULES if mesh is not None else None, shardings)
-  out = jax.device_get(run(params, prompts, lengths, jax.random.PRNGKey(f.seed)))
+  if mesh is not None:  # every process holds the whole batch: global arrays in, numpy out
+    prompts, lengths = (sharding_lib.put_global(x, mesh, sharding_lib.DEFAULT_RULES)
+                        for x in (prompts, lengths))
+  out = sharding_lib.to_host(run(params, prompts, lengths, jax.random.PRNGKey(f.seed)))
   for i, prompt in enumerate(f.prompt):
     text = tok.decode([int(t) for t in out.tokens[i, :out.lengths[i]]])
     print(f"--- {prompt!r}\n" + (chat.parse_model_reply(text) if f.chat else prompt + text))

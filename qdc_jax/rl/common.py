@@ -20,6 +20,7 @@ import ml_collections
 
 from qdc_jax import fit
 from qdc_jax import model_io
+from qdc_jax import sampling
 from qdc_jax import storage
 from qdc_jax.data import arith
 from qdc_jax.data import lab_tasks
@@ -238,7 +239,8 @@ def check_settings(workdir: str, settings: dict, *, may_change: Sequence[str] = 
   `settings` is a nested JSON-able dict (e.g. `config.to_dict()`); keys in `may_change`
   (dotted paths, e.g. "ppo.stop_after_iteration") may differ. With `record`, a fresh
   workdir's settings are written (call it once the inputs have loaded, so a mistyped path
-  does not pin the workdir).
+  does not pin the workdir). The sampler's version (`sampling.SAMPLER_VERSION`) is always
+  part of the settings.
   """
   def flat(d, prefix=""):
     out = {}
@@ -251,6 +253,8 @@ def check_settings(workdir: str, settings: dict, *, may_change: Sequence[str] = 
     return out
 
   path = storage.join(workdir, filename)
+  # What a key samples is part of the settings: a resume never mixes two samplers' draws.
+  settings = {**settings, "sampler_version": sampling.SAMPLER_VERSION}
   now = {k: v for k, v in flat(settings).items()
          if not any(k == m or k.startswith(m + ".") for m in may_change)}
   before = storage.read_json(path)

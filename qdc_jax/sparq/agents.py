@@ -44,7 +44,8 @@ class LM:
   extra_stop_ids: tuple[int, ...] = ()
 
   def generate(self, prompts: Sequence[str], *, k: int, temperature: float,
-               max_new_tokens: int, rng: jax.Array, batch_size: int) -> list[list[str]]:
+               max_new_tokens: int, rng: jax.Array, batch_size: int, slots: int = 0
+               ) -> list[list[str]]:
     sp = sampling.SamplingParams(max_new_tokens=max_new_tokens, num_samples=k,
                                  temperature=temperature, greedy=temperature == 0.0,
                                  extra_stop_ids=self.extra_stop_ids)
@@ -53,7 +54,7 @@ class LM:
                                   tokenizer=self.tokenizer, sp=sp, rng=rng,
                                   batch_size=batch_size, mesh=self.mesh, rules=self.rules,
                                   param_shardings=self.param_shardings, pad_multiple=64,
-                                  fixed_batch=True)
+                                  fixed_batch=True, slots=slots)
 
 
 class Generator(Protocol):
@@ -103,6 +104,7 @@ class LMStudent:
   temperature: float = 1.0
   max_new_tokens: int = 160
   batch_size: int = 64  # questions per sampler call (x K rows)
+  slots: int = 0  # > 0: continuous batching through this many decode rows (same samples)
 
   def prompt(self, question: str) -> str:
     if self.prompt_format == "lab":
@@ -115,7 +117,7 @@ class LMStudent:
   def solve(self, questions, k, rng):
     outs = self.lm.generate([self.prompt(q) for q in questions], k=k,
                             temperature=self.temperature, max_new_tokens=self.max_new_tokens,
-                            rng=rng, batch_size=self.batch_size)
+                            rng=rng, batch_size=self.batch_size, slots=self.slots)
     return [[self.reply(t) for t in row] for row in outs]
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from absl import logging
 
 from qdc_jax import registry
+from qdc_jax import sampling
 from qdc_jax.sparq import metrics as sparq_metrics
 from qdc_jax.sparq import quality as quality_lib
 from qdc_jax.sparq import skills as skills_lib
@@ -57,9 +58,10 @@ def _strategy_kwargs(sc) -> dict:
 
 def fingerprint(seeds: Sequence[Seed], sc) -> str:
   """What must not change between a run and its resume: phase-1 knobs (not the number of
-  rounds, which may grow) and the seed set."""
+  rounds, which may grow), the seed set and what a key samples (the sampler's version)."""
   knobs = {k: v for k, v in sc.to_dict().items() if k != "rounds"}
-  blob = json.dumps([knobs, [dataclasses.astuple(s) for s in seeds]], sort_keys=True)
+  blob = json.dumps([knobs, [dataclasses.astuple(s) for s in seeds],
+                     sampling.SAMPLER_VERSION], sort_keys=True)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -93,8 +95,9 @@ def run_rounds(archive: Archive, seeds: Sequence[Seed], roles: Roles, sc, *,
   strategy = registry.get("strategy", sc.strategy)
   made_with = archive.load_state(0).get("fingerprint")
   if made_with != fingerprint(seeds, sc):
-    raise ValueError(f"The archive in {archive.directory} was made with other sparq.* settings "
-                     f"or another seed set (only sparq.rounds may change on resume): use a "
+    raise ValueError(f"The archive in {archive.directory} was made with other sparq.* settings, "
+                     f"another seed set or another sampler version (only sparq.rounds may "
+                     f"change on resume): use a "
                      f"fresh --workdir, or the settings it was made with")
   state = strategy.state_from_json(saved["strategy_state"])
   # Round 0's vocabulary, whether made just now or by the run being resumed: from here on the
