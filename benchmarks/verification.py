@@ -27,6 +27,7 @@ def main(argv=None):
   ap.add_argument("--rounds", type=int, default=5)
   ap.add_argument("--out", default="/tmp/qdc_bench/verification.json")
   args = ap.parse_args(argv)
+  load_start = os.getloadavg()
 
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -68,7 +69,8 @@ def main(argv=None):
       times[name].append(time.perf_counter() - t0)
   res = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
          "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-         "load_before": os.getloadavg(), "rows": rows, "prompt_len": int(toks.shape[1]),
+         "load_start": load_start, "load_end": os.getloadavg(), "rows": rows,
+         "prompt_len": int(toks.shape[1]),
          "max_new_tokens": args.new_tokens,
          "mean_length_key0": float(lengths.mean()), "max_length_key0": int(lengths.max()),
          "variants": {}}
