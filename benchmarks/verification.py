@@ -37,7 +37,7 @@ def main(argv=None):
   from qdc_jax.models import transformer  # pylint: disable=g-import-not-at-top
 
   mesh = sharding_lib.make_mesh((1, 1, 1), jax.devices()[:1])
-  cfg, params, tok, _, shardings = model_io.load_model(model_io.asset_path("lab_student"),
+  cfg, params, tok, _, _ = model_io.load_model(model_io.asset_path("lab_student"),
                                                        mesh=mesh)
   model = transformer.Transformer(cfg)
   problems = arith.make_split("in_dist", args.prompts, seed=123)

@@ -153,6 +153,12 @@ class TokenHook(Protocol):
     `done_B` are padded by the loop whatever the hook returns."""
 
 
+def _check_positions(cfg, p: int, n: int) -> None:
+  if cfg.position == "learned" and p + n > cfg.max_len:
+    raise ValueError(f"Prompt length {p} + max_new_tokens {n} exceeds the learned position "
+                     f"table ({cfg.max_len} rows); shorten one of them.")
+
+
 def sample(params, prompts_BxP: jax.Array, prompt_lengths_B: jax.Array, rng: jax.Array, *,
            model: transformer.Transformer, sp: SamplingParams,
            hook: Optional[TokenHook] = None) -> SampleOutput:
@@ -163,9 +169,7 @@ def sample(params, prompts_BxP: jax.Array, prompt_lengths_B: jax.Array, rng: jax
   cfg = model.config
   b, p = prompts_BxP.shape
   k, n = sp.num_samples, sp.max_new_tokens
-  if cfg.position == "learned" and p + n > cfg.max_len:
-    raise ValueError(f"Prompt length {p} + max_new_tokens {n} exceeds the learned position "
-                     f"table ({cfg.max_len} rows); shorten one of them.")
+  _check_positions(cfg, p, n)
   last, cache, start = prefill(params, prompts_BxP, prompt_lengths_B, model=model,
                                num_samples=k, cache_len=p + n)
   rows = b * k
@@ -237,9 +241,7 @@ def sample_stream(params, prompts_BxP: jax.Array, prompt_lengths_B: jax.Array, r
   jobs = b * k
   s = max(1, min(slots, jobs))
   r = max(1, min(refill or s // 8 + 1, s))
-  if cfg.position == "learned" and p + n > cfg.max_len:
-    raise ValueError(f"Prompt length {p} + max_new_tokens {n} exceeds the learned position "
-                     f"table ({cfg.max_len} rows); shorten one of them.")
+  _check_positions(cfg, p, n)
   bank_logits, bank, bank_start = prefill(params, prompts_BxP, prompt_lengths_B, model=model,
                                           num_samples=1, cache_len=p + n)
   keys = row_keys(rng, b, k)
