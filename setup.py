@@ -25,7 +25,9 @@ INSTALL_REQUIRES = [
 # benchmarks/. torch is pinned to the 2.13.0 CPU build: an unpinned torch pulls GBs of CUDA.
 _TORCH = ["torch==2.13.0", "transformers>=4.44"]
 EXTRAS = {
-    "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "filelock>=3.12"] + _TORCH,
+    # scikit-dimension: the reference the intrinsic-dimension estimators are tested against.
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "filelock>=3.12",
+             "scikit-dimension>=0.5"] + _TORCH,
     "full": _TORCH,
 }
 

@@ -154,3 +154,47 @@ def write_json(path: Optional[str], payload: dict) -> None:
   with open(path, "w") as f:
     json.dump(payload, f, indent=2, sort_keys=True)
   print(f"wrote {path}")
+
+
+def sample_before(params, prompts_BxP, prompt_lengths_B, rng, *, model, sp):
+  """`sampling.sample` as it was before prompt sharing (2026-12-02, commit 28bbe2d): the
+  prompt's cache copied to each of its K rows (P + N slots each), one cached step per token,
+  on today's model code (its full-cache decode path is the one prefill uses); the same keys,
+  token choice and outputs (no hook, no stop sequences). The "before" of the sampler
+  benchmarks."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from qdc_jax import sampling  # pylint: disable=g-import-not-at-top
+  from qdc_jax.models import transformer  # pylint: disable=g-import-not-at-top
+  cfg = model.config
+  b, p = prompts_BxP.shape
+  k, n = sp.num_samples, sp.max_new_tokens
+  cache = transformer.init_cache(cfg, b, p + n)
+  positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32)[None], (b, p))
+  logits, cache = model.apply({"params": params}, prompts_BxP, positions, cache=cache,
+                              logits_index_B=prompt_lengths_B - 1)
+  cache = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), cache)
+  last = jnp.repeat(logits[:, 0], k, axis=0)
+  start = jnp.repeat(prompt_lengths_B.astype(jnp.int32), k)
+  keys = sampling.row_keys(rng, b, k)
+  rows = b * k
+  stops = jnp.asarray(sp.stop_ids, jnp.int32)
+
+  def body(c):
+    i, done = c["i"], c["done"]
+    at_i = jax.vmap(jax.random.fold_in)(keys, jnp.broadcast_to(i, (rows,)))
+    tok = sampling.choose_tokens(c["logits"], at_i, sp)
+    logp = jnp.take_along_axis(jax.nn.log_softmax(c["logits"], -1), tok[:, None], -1)[:, 0]
+    tok = jnp.where(done, sp.pad_id, tok)
+    logits, cache = model.apply({"params": params}, tok[:, None], (start + i)[:, None],
+                                cache=c["cache"])
+    return {"i": i + 1, "tokens": c["tokens"].at[:, i].set(tok),
+            "logps": c["logps"].at[:, i].set(jnp.where(done, 0.0, logp)),
+            "lengths": c["lengths"] + (~done).astype(jnp.int32),
+            "done": done | jnp.isin(tok, stops), "logits": logits[:, 0], "cache": cache}
+
+  init = {"i": jnp.zeros((), jnp.int32), "tokens": jnp.full((rows, n), sp.pad_id, jnp.int32),
+          "logps": jnp.zeros((rows, n), jnp.float32), "lengths": jnp.zeros((rows,), jnp.int32),
+          "done": jnp.zeros((rows,), jnp.bool_), "logits": last, "cache": cache}
+  out = jax.lax.while_loop(lambda c: (c["i"] < n) & ~jnp.all(c["done"]), body, init)
+  return sampling.SampleOutput(out["tokens"], out["lengths"], out["logps"])

@@ -6,12 +6,12 @@ each (rows = num_prompts * K), `new_tokens` generated per row at temperature 1.0
 top-k/top-p. There is no early stop: the qdc sampler gets an EOS id that never occurs (-1),
 HF gets min_new_tokens = max_new_tokens.
 
-  (a) qdc_jax.sampling.jit_sample: prefill once per prompt, copy the cache to the K rows, one
-      jitted while_loop of single-token cached decode steps;
-  (a0) before: the same sampler as it was before the layout fixes (KV cache [B, S, K, H],
-      transposed by XLA at every decode step; jax.random.categorical's variadic argmax),
-      rebuilt from today's transformer.py by exact string patches (the script stops if a
-      patched snippet changed) and checked to sample the same tokens as (a) for the same key;
+  (a) qdc_jax.sampling.jit_sample: prefill once per prompt; the K rows of a prompt share
+      one copy of its KV cache and own `new_tokens` slots each; one jitted while_loop of
+      single-token cached decode steps;
+  (a0) before: the same sampler as it was before prompt sharing (2026-12-02, 28bbe2d: the
+      prompt's cache copied to each of its K rows; `_common.sample_before`), checked to
+      sample the same tokens as (a) for the same key;
   (b) naive: the same qdc Transformer without a cache, the whole [rows, prompt+new] padded
       sequence recomputed every step, all steps inside one jitted fori_loop;
   (c) Hugging Face transformers Gemma2ForCausalLM.generate (eager attention, which is the
@@ -55,57 +55,16 @@ def time_rounds(fns: dict, args) -> dict:
   return times
 
 
-# Today's source -> the sampler before the layout fixes (2026-12-02).
-BEFORE_PATCHES = [
-    ("    return jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (0, s, 0))\n"
-     "  return jax.vmap(write_row)(cache_BxKxSxH, new_BxTxKxH.transpose(0, 2, 1, 3), start_B)",
-     "    return jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (s, 0, 0))\n"
-     "  return jax.vmap(write_row)(cache_BxKxSxH, new_BxTxKxH, start_B)"),
-    ('      s = keys.shape[2]\n      kv_spec = "bksh"', '      s = keys.shape[1]\n      kv_spec = "bskh"'),
-    ('CACHE_AXES = ("cache_batch", "act_kv_heads", "cache_len", None)',
-     'CACHE_AXES = ("cache_batch", "cache_len", "act_kv_heads", None)'),
-    ("  shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)",
-     "  shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)"),
-]
-
-
-def before_module():
-  """transformer.py with BEFORE_PATCHES applied, loaded as a module of its own."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  from qdc_jax.models import transformer  # pylint: disable=g-import-not-at-top
-  with open(transformer.__file__) as fh:
-    src = fh.read()
-  for old, new in BEFORE_PATCHES:
-    if src.count(old) != 1:
-      raise SystemExit(f"transformer.py changed; cannot rebuild the 'before' sampler:\n{old}")
-    src = src.replace(old, new)
-  spec = importlib.util.spec_from_loader("transformer_before", loader=None)
-  mod = importlib.util.module_from_spec(spec)
-  mod.__file__ = "<transformer before the layout fixes>"
-  sys.modules[spec.name] = mod  # dataclasses look their module up while the class is built
-  exec(compile(src, mod.__file__, "exec"), mod.__dict__)  # noqa: S102  (our own source)
-  return mod
-
-
 def setup_before(cfg, params, prompts, lengths, args, want_tokens):
   import jax  # pylint: disable=g-import-not-at-top
   from qdc_jax import sampling  # pylint: disable=g-import-not-at-top
-  mod = before_module()
-  model = mod.Transformer(cfg)
+  from qdc_jax.models import transformer  # pylint: disable=g-import-not-at-top
   sp = sampling.SamplingParams(max_new_tokens=args.new_tokens, num_samples=args.samples,
                                temperature=1.0, eos_id=-1, pad_id=0)
-
-  def choose_before(logits, keys, sp):  # the categorical of before the fix (today's keys)
-    return jax.vmap(lambda k, l: jax.random.categorical(k, l))(
-        keys, logits.astype("float32") / sp.temperature).astype("int32")
-  orig = (sampling.transformer, sampling.choose_tokens)
-  sampling.transformer, sampling.choose_tokens = mod, choose_before  # read at trace time
-  try:
-    fn = jax.jit(functools.partial(sampling.sample, model=model, sp=sp))
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(fn(params, prompts, lengths, jax.random.PRNGKey(0)))
-  finally:
-    sampling.transformer, sampling.choose_tokens = orig
+  fn = jax.jit(functools.partial(_common.sample_before, model=transformer.Transformer(cfg),
+                                 sp=sp))
+  t0 = time.perf_counter()
+  out = jax.block_until_ready(fn(params, prompts, lengths, jax.random.PRNGKey(0)))
   compile_s = time.perf_counter() - t0
   same = bool((np.asarray(out.tokens) == want_tokens).all())
   assert same, "the 'before' sampler samples other tokens than today's for the same key"
@@ -299,7 +258,7 @@ def main(argv=None):
 
   table = []
   labels = {"qdc": "(a) qdc_jax jit_sample (KV cache)",
-            "before": "(a0) the same sampler before the layout fixes",
+            "before": "(a0) before prompt sharing (cache copied to the K rows)",
             "naive": "(b) naive JAX, no cache (jitted, fixed length)",
             "hf": f"(c) HF Gemma2ForCausalLM.generate ({args.hf_attn})"}
   for key, r in results.items():

@@ -1,21 +1,36 @@
-"""SPARQ's verification workload: the plain sampler against continuous batching, one run.
+"""SPARQ's verification workload: today's sampler, the sampler before prompt sharing, continuous
+batching and HF `generate`, side by side in one run.
 
 The shipped lab student, 32 lab prompts x K = 16 rollouts, up to 160 new tokens, stop at EOS,
-temperature 1 (what a SPARQ round asks of the student). Most solutions are far shorter than
-160 tokens, so the plain sampler spends most steps on rows that already stopped; the stream
-sampler (`sampling.sample_stream`) refills their slots. Every variant is checked to return the
-same tokens as the plain sampler for the same key before it is timed; then the variants run
-interleaved, round by round, and the medians are reported with the spread.
+temperature 1 (what a SPARQ round asks of the student). Variants:
+- plain: `sampling.jit_sample` as it is today (the K rows of a prompt share one copy of its
+  KV cache; each row owns 160 slots for its tokens);
+- before: the plain sampler as it was before prompt sharing (2026-12-02, commit 28bbe2d):
+  the prompt's cache copied to each of its K rows, P + 160 slots per row; rebuilt here from
+  today's model code (its full-cache decode path is the one prefill uses);
+- stream_S: continuous batching (`sampling.sample_stream`) through S decode rows;
+- scanned (--scanned): plain, with the blocks run as a `lax.scan` (`scan_layers=True`);
+- hf: HF `Gemma2ForCausalLM.generate` on the same model exported with `gemma_io`
+  (left-padded prompts, do_sample, temperature 1, top_k 0, top_p 1, the same EOS and limit;
+  `torch.set_num_threads(2)`).
+Every JAX variant is checked to return the plain sampler's tokens for the same key before it
+is timed; then all variants run interleaved, round by round, and the medians are reported
+with the spread.
 
   python benchmarks/verification.py --rounds 5 --out /tmp/qdc_bench/verification.json
 """
 
 import argparse
+import functools
 import json
 import os
 import platform
 import statistics
+import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
 
 
 def main(argv=None):
@@ -26,6 +41,11 @@ def main(argv=None):
   ap.add_argument("--slots", default="64,128,256", help="stream variants (decode rows)")
   ap.add_argument("--rounds", type=int, default=5)
   ap.add_argument("--out", default="/tmp/qdc_bench/verification.json")
+  ap.add_argument("--skip_before", action="store_true")
+  ap.add_argument("--scanned", action="store_true",
+                  help="also the plain sampler with ModelConfig.scan_layers=True")
+  ap.add_argument("--skip_hf", action="store_true")
+  ap.add_argument("--hf_rounds", type=int, default=3, help="HF calls (each ~50 s)")
   args = ap.parse_args(argv)
   load_start = os.getloadavg()
 
@@ -51,8 +71,19 @@ def main(argv=None):
   variants = {"plain": 0, **{f"stream_{s}": int(s) for s in args.slots.split(",") if s}}
   fns, info = {}, {}
   want = None
-  for name, slots in variants.items():
-    fn = sampling.jit_sample(model, sp, slots=slots)
+  builders = {name: (lambda slots=slots: sampling.jit_sample(model, sp, slots=slots))
+              for name, slots in variants.items()}
+  if args.scanned:
+    variants["scanned"] = 0
+    scanned = transformer.Transformer(cfg.replace(scan_layers=True))
+    builders["scanned"] = lambda: sampling.jit_sample(scanned, sp)
+  if not args.skip_before:
+    variants["before"] = 0
+    builders["before"] = lambda: jax.jit(functools.partial(_common.sample_before, model=model,
+                                                                      sp=sp))
+  for name, build in builders.items():
+    slots = variants[name]
+    fn = build()
     t0 = time.perf_counter()
     out = jax.block_until_ready(fn(params, toks, lens, jax.random.PRNGKey(0)))
     info[name] = {"slots": slots, "compile_plus_first_s": time.perf_counter() - t0}
@@ -61,11 +92,17 @@ def main(argv=None):
       lengths = np.asarray(out.lengths)
     assert (np.asarray(out.tokens) == want).all(), f"{name} samples other tokens"
     fns[name] = fn
+  if not args.skip_hf:
+    fns["hf"], info["hf"] = setup_hf(cfg, params, tok, toks, lens, sp)
   times = {name: [] for name in fns}
   for r in range(args.rounds):
     for name, fn in fns.items():  # interleaved: load drifts hit every variant alike
+      if name == "hf" and r >= args.hf_rounds:
+        continue
       t0 = time.perf_counter()
-      jax.block_until_ready(fn(params, toks, lens, jax.random.PRNGKey(1 + r)))
+      out = fn(params, toks, lens, jax.random.PRNGKey(1 + r))
+      if name != "hf":  # HF returns a finished torch tensor
+        jax.block_until_ready(out)
       times[name].append(time.perf_counter() - t0)
   res = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
          "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -85,6 +122,51 @@ def main(argv=None):
   with open(args.out, "w") as f:
     json.dump(res, f, indent=2)
   print(f"mean solution {lengths.mean():.1f} tokens (max {lengths.max()}); wrote {args.out}")
+
+
+def setup_hf(cfg, params, tok, toks, lens, sp):
+  """HF generate on the same weights (exported with gemma_io), left-padded prompts."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from transformers import Gemma2ForCausalLM, GenerationConfig  # pylint: disable=g-import-not-at-top
+  from qdc_jax.models import gemma_io  # pylint: disable=g-import-not-at-top
+
+  torch.set_num_threads(2)
+  tmp = tempfile.mkdtemp(prefix="qdc_hf_")
+  gemma_io.params_to_hf_safetensors(params, cfg, tmp, dtype="float32")
+  model = Gemma2ForCausalLM.from_pretrained(tmp, attn_implementation="eager").eval()
+  toks, lens = np.asarray(toks), np.asarray(lens)
+  p = toks.shape[1]
+  left = np.full_like(toks, tok.pad_id)
+  mask = np.zeros_like(toks)
+  for i, n in enumerate(lens):
+    left[i, p - n:], mask[i, p - n:] = toks[i, :n], 1
+  ids, mask = torch.from_numpy(left.astype(np.int64)), torch.from_numpy(mask.astype(np.int64))
+  gen = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                         max_new_tokens=sp.max_new_tokens, num_return_sequences=sp.num_samples,
+                         use_cache=True, pad_token_id=tok.pad_id, bos_token_id=tok.bos_id,
+                         eos_token_id=tok.eos_id,
+                         # valid_vocab_size: the model's padded rows are never sampled
+                         suppress_tokens=list(range(tok.vocab_size, cfg.vocab_size)) or None)
+  lengths = []
+
+  def call(params_unused, toks_unused, lens_unused, rng):
+    del params_unused, toks_unused, lens_unused
+    torch.manual_seed(int(np.asarray(rng).sum()))  # a raw PRNGKey(i): [0, i]
+    with torch.inference_mode():
+      out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
+    new = out[:, p:]
+    done = (new == tok.eos_id).int().cumsum(1)
+    lengths.append(float(((done == 0) | ((done == 1) & (new == tok.eos_id))).sum(1)
+                         .float().mean()))
+    return out
+
+  t0 = time.perf_counter()
+  call(None, None, None, np.asarray([0, 0], np.uint32))
+  return call, {"slots": 0, "compile_plus_first_s": time.perf_counter() - t0,
+                "mean_length_per_call": lengths, "attn_implementation": "eager",
+                "threads": torch.get_num_threads()}
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from qdc_jax.models import transformer
 _MODEL_OVERRIDES = {
     "vocab_size": int, "d_model": int, "num_layers": int, "num_heads": int,
     "num_kv_heads": int, "head_dim": int, "d_ff": int, "sliding_window": int,
-    "max_len": int, "dtype": str, "param_dtype": str, "remat": bool,
+    "max_len": int, "dtype": str, "param_dtype": str, "remat": bool, "scan_layers": bool,
 }
 
 

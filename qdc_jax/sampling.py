@@ -1,9 +1,10 @@
 """Batched sampling with a KV cache: prefill + decode loop, all inside one jit.
 
 Rows: prompt b's K samples are rows b*K .. b*K+K-1 of every output. Prompts of different
-lengths share a batch: they are right-padded to P and each row decodes from its own length
-(`transformer` writes each token into the cache slot equal to its position, and masks slots
-after it, so the padding that prefill wrote is never attended to and is overwritten).
+lengths share a batch: they are right-padded to P and prefilled once; the K rows of a prompt
+share that one copy of its KV cache (slots past its length are masked) and write their own
+tokens into N slots of their own (`transformer.init_shared_cache`), so a decode step reads
+B*P + B*K*N cache slots, not B*K*(P+N).
 
 Returned log-probs are those of the model's own distribution (temperature 1, no top-k/top-p
 filtering) for the token that was chosen: what PPO ratios, KL penalties and scoring need.
@@ -117,22 +118,23 @@ def _at_position(keys_B: jax.Array, i) -> jax.Array:
 
 
 def prefill(params, prompts_BxP: jax.Array, prompt_lengths_B: jax.Array, *,
-            model: transformer.Transformer, num_samples: int, cache_len: int):
-  """Run the prompts once into a fresh cache of `cache_len` slots and copy it to the K sample
-  rows. Returns (next-token logits [B*K, V], cache, first decode position [B*K])."""
+            model: transformer.Transformer, num_samples: int, max_new_tokens: int):
+  """Run the prompts once and build the decode cache of their K = `num_samples` rows each.
+
+  The K rows of a prompt share one copy of its keys and values (`init_shared_cache`); each
+  row owns `max_new_tokens` slots for what it generates. Returns (next-token logits
+  [B*K, V], cache, first decode position [B*K])."""
   cfg = model.config
   b, p = prompts_BxP.shape
-  cache = transformer.init_cache(cfg, b, cache_len)
+  cache = transformer.init_cache(cfg, b, p)
   cache = nn.with_logical_constraint(cache, transformer.cache_logical_axes(cfg))
   positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32)[None], (b, p))
   logits, cache = model.apply({"params": params}, prompts_BxP, positions, cache=cache,
                               logits_index_B=prompt_lengths_B - 1)
-  last = logits[:, 0]
-  if num_samples > 1:
-    cache = jax.tree.map(lambda x: jnp.repeat(x, num_samples, axis=0), cache)
-    last = jnp.repeat(last, num_samples, axis=0)
-  cache = nn.with_logical_constraint(cache, transformer.cache_logical_axes(cfg))
-  return last, cache, jnp.repeat(prompt_lengths_B.astype(jnp.int32), num_samples)
+  start = jnp.repeat(prompt_lengths_B.astype(jnp.int32), num_samples)
+  cache = transformer.init_shared_cache(cfg, cache, start, max_new_tokens)
+  cache = nn.with_logical_constraint(cache, transformer.cache_logical_axes(cfg, True))
+  return jnp.repeat(logits[:, 0], num_samples, axis=0), cache, start
 
 
 class TokenHook(Protocol):
@@ -171,7 +173,7 @@ def sample(params, prompts_BxP: jax.Array, prompt_lengths_B: jax.Array, rng: jax
   k, n = sp.num_samples, sp.max_new_tokens
   _check_positions(cfg, p, n)
   last, cache, start = prefill(params, prompts_BxP, prompt_lengths_B, model=model,
-                               num_samples=k, cache_len=p + n)
+                               num_samples=k, max_new_tokens=n)
   rows = b * k
   keys = row_keys(rng, b, k)
 
@@ -242,12 +244,15 @@ def sample_stream(params, prompts_BxP: jax.Array, prompt_lengths_B: jax.Array, r
   s = max(1, min(slots, jobs))
   r = max(1, min(refill or s // 8 + 1, s))
   _check_positions(cfg, p, n)
+  # The bank: each prompt's cache once (prefix), and each slot's own generated-token slots.
   bank_logits, bank, bank_start = prefill(params, prompts_BxP, prompt_lengths_B, model=model,
-                                          num_samples=1, cache_len=p + n)
+                                          num_samples=1, max_new_tokens=n)
   keys = row_keys(rng, b, k)
   job = jnp.arange(s, dtype=jnp.int32)
-  axes = transformer.cache_logical_axes(cfg)
-  cache = nn.with_logical_constraint(jax.tree.map(lambda x: x[job // k], bank), axes)
+  axes = transformer.cache_logical_axes(cfg, True)
+  cache = _map_shared_cache(lambda x: x[job // k], lambda x: jnp.zeros((s,) + x.shape[1:],
+                                                                       x.dtype), bank)
+  cache = nn.with_logical_constraint(cache, axes)
   stops = jnp.asarray(sp.stop_ids, jnp.int32)
   ends = jax.vmap(lambda t, i: _ends_with_stop(t[None], i, sp.stop_sequences)[0])
 
@@ -276,7 +281,10 @@ def sample_stream(params, prompts_BxP: jax.Array, prompt_lengths_B: jax.Array, r
     take = (free_slots < s) & (new_job < jobs)
     where = jnp.where(take, free_slots, s)  # s: out of range, dropped
     src = jnp.minimum(new_job, jobs - 1) // k
-    cache = jax.tree.map(lambda x, y: x.at[where].set(y[src], mode="drop"), cache, bank)
+    # A new job's prompt cache comes from the bank; its generated-token slots need no reset
+    # (slot j is written at step j before any query can attend to it).
+    cache = _map_shared_cache(lambda x, y: x.at[where].set(y[src], mode="drop"),
+                              lambda x, y: x, cache, bank)
     cache = nn.with_logical_constraint(cache, axes)
     return {**out, "cache": cache,
             "logits": logits[:, 0].at[where].set(bank_logits[src], mode="drop"),
@@ -294,6 +302,17 @@ def sample_stream(params, prompts_BxP: jax.Array, prompt_lengths_B: jax.Array, r
           "hist": jnp.full((s, n), sp.pad_id, jnp.int32), "next": jnp.asarray(s, jnp.int32)}
   out = jax.lax.while_loop(cond, body, init)
   return SampleOutput(out["tokens"], out["lengths"], out["logps"])
+
+
+_PER_PROMPT = ("prefix_k", "prefix_v", "prefix_lengths")
+
+
+def _map_shared_cache(per_prompt, own, *trees):
+  """Map a shared cache tree (`transformer.init_shared_cache`): `per_prompt` on the leaves
+  that hold a prompt's cache and length, `own` on each row's generated-token slots."""
+  def f(path, *xs):
+    return (per_prompt if path[-1].key in _PER_PROMPT else own)(*xs)
+  return jax.tree_util.tree_map_with_path(f, *trees)
 
 
 def truncate_at_stop(text: str, stop_strings: Sequence[str]) -> str:

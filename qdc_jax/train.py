@@ -87,7 +87,9 @@ def train_step(state, batch, rng, *, model: nn.Module, tx: optax.GradientTransfo
              jax.tree.map(jnp.zeros_like, params))
     (loss_sum, aux, grads), _ = jax.lax.scan(body, zeros, micro)
   denom = jnp.maximum(aux["tokens"], 1.0)
-  grads = jax.tree.map(lambda g: g / denom, grads)
+  # In the parameters' dtype: a float32 denominator would promote bf16 gradients (and with
+  # them the optimiser moments) to float32, and the non-finite guard's two branches disagree.
+  grads = jax.tree.map(lambda g: (g / denom).astype(g.dtype), grads)
   loss = loss_sum / denom
   grad_norm = optax.tree.norm(grads)
   updates, new_opt_state = tx.update(grads, state["opt_state"], params)

@@ -14,10 +14,10 @@ from qdc_jax.models import transformer as T
 EOS, PAD = 2, 0
 
 
-def _model(**kw):
+def _model(num_layers=2, **kw):
   # Window 6 is shorter than prompt + generation (up to 30), so local layers are exercised
   # past their window both in prefill and in decode.
-  cfg = configs.get_model_config("lab_tiny", sliding_window=6, num_layers=2, **kw)
+  cfg = configs.get_model_config("lab_tiny", sliding_window=6, num_layers=num_layers, **kw)
   model = T.Transformer(cfg)
   params = T.nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
                            ["params"])
@@ -139,6 +139,37 @@ def test_logprobs_equal_full_forward(kw):
   assert len({tuple(out.tokens[r]) for r in range(4)}) > 1
 
 
+def test_samples_of_a_prompt_share_one_copy_of_its_cache():
+  # The K rows of a prompt read its keys/values from one [B, K, P, H] copy and own N slots
+  # each: B*P + B*K*N cache slots per layer instead of B*K*(P+N). Decoding from that cache
+  # gives the logits of decoding from a full copy per row (the cache layout before sharing),
+  # with mixed prompt lengths and a window (6) shorter than the prompts.
+  model, params = _model()
+  cfg = model.config
+  prompts = _prompts([3, 11, 7], seed=6)
+  toks, lens = sampling.pad_prompts(prompts, PAD, multiple=12)
+  b, p, k, n = 3, 12, 4, 5
+  last, cache, start = sampling.prefill(params, toks, lens, model=model, num_samples=k,
+                                        max_new_tokens=n)
+  layer = cache["layer_0"]
+  assert layer["prefix_k"].shape == (b, cfg.num_kv_heads, p, cfg.head_dim)
+  assert layer["k"].shape == (b * k, cfg.num_kv_heads, n, cfg.head_dim)
+  np.testing.assert_array_equal(cache["prefix_lengths"], np.repeat(lens, k))
+
+  full = T.init_cache(cfg, b, p + n)
+  pos = jnp.broadcast_to(jnp.arange(p)[None], (b, p))
+  ref_logits, full = model.apply({"params": params}, toks, pos, cache=full,
+                                 logits_index_B=lens - 1)
+  full = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), full)
+  np.testing.assert_allclose(last, np.repeat(ref_logits[:, 0], k, axis=0), atol=1e-5)
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (b * k, n), 4, 100)
+  for i in range(n):
+    step = (start + i)[:, None]
+    got, cache = model.apply({"params": params}, tokens[:, i:i + 1], step, cache=cache)
+    want, full = model.apply({"params": params}, tokens[:, i:i + 1], step, cache=full)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
 def test_filter_logits_against_sorted_reference():
   logits = jnp.log(jnp.asarray([[0.05, 0.4, 0.1, 0.3, 0.15]]))
   kept = np.isfinite(np.asarray(sampling.filter_logits(logits, top_p=0.75)))[0]
@@ -148,9 +179,12 @@ def test_filter_logits_against_sorted_reference():
   assert kept.tolist() == [False, True, False, True, False]
 
 
-@pytest.mark.parametrize("slots", [0, 4])  # the plain sampler, the stream sampler
-def test_sharded_sampling_matches_single_device(slots):
-  model, params = _model()
+# The plain sampler, the stream sampler; and both with scan_layers (4 layers = 2 scanned
+# local/global pairs, decoding from the same shared cache): on a mesh, the tokens, lengths and
+# log-probs of the single-device unrolled sampler for the same key.
+@pytest.mark.parametrize("slots,scan", [(0, False), (4, False), (0, True), (4, True)])
+def test_sharded_sampling_matches_single_device(slots, scan):
+  model, params = _model(num_layers=4 if scan else 2)
   prompts = _prompts([4, 6, 3, 8], seed=2)
   toks, lens = sampling.pad_prompts(prompts, PAD, multiple=8)
   sp = sampling.SamplingParams(max_new_tokens=12, num_samples=2, eos_id=EOS, pad_id=PAD,
@@ -162,6 +196,8 @@ def test_sharded_sampling_matches_single_device(slots):
   abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
   shardings = sharding.logical_to_shardings(T.nn.get_partition_spec(abstract), mesh, rules)
   sharded_params = jax.device_put(params, shardings["params"])
+  if scan:
+    model = T.Transformer(model.config.replace(scan_layers=True))
   run = sampling.jit_sample(model, sp, mesh, rules, shardings["params"], slots=slots)
   out = run(sharded_params, toks, lens, rng)
   assert out.tokens.sharding.spec[0] == ("data", "fsdp")

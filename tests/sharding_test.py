@@ -107,3 +107,30 @@ def test_accumulation_equals_one_large_batch():
     out.append((float(m["loss"]), jax.device_get(state["params"])))
   np.testing.assert_allclose(out[0][0], out[1][0], rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), out[0][1], out[1][1])
+
+
+def test_bf16_parameters_train_in_bf16():
+  # bf16 parameters keep bf16 gradients and optimiser moments (a float32 loss denominator
+  # used to promote them, and the non-finite guard's branches then disagreed on dtypes), and
+  # the step tracks a float32 step from the same (rounded) start.
+  model, tx, batch = _setup()
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  rules = sharding.DEFAULT_RULES
+  cfg16 = model.config.replace(param_dtype="bfloat16")
+  model16 = T.Transformer(cfg16)
+  state, _ = train.create_train_state(jax.random.PRNGKey(0), model=model16, tx=tx,
+                                      seq_len=16, mesh=mesh, rules=rules)
+  state32 = {**state, "params": jax.tree.map(lambda x: x.astype(np.float32), state["params"]),
+             "opt_state": tx.init(jax.tree.map(lambda x: x.astype(np.float32),
+                                               state["params"]))}
+  new, m = jax.jit(functools.partial(train.train_step, model=model16, tx=tx))(
+      state, batch, jax.random.PRNGKey(0))
+  new32, m32 = jax.jit(functools.partial(train.train_step, model=model, tx=tx))(
+      state32, batch, jax.random.PRNGKey(0))
+  assert {x.dtype for x in jax.tree.leaves(new["params"])} == {np.dtype(jax.numpy.bfloat16)}
+  assert {x.dtype for x in jax.tree.leaves(new["opt_state"]) if x.ndim} == {np.dtype(jax.numpy.bfloat16)}
+  assert not bool(new["nonfinite"])
+  np.testing.assert_allclose(float(m["loss"]), float(m32["loss"]), rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a, np.float32), b,
+                                                       atol=2e-2),
+               new["params"], new32["params"])

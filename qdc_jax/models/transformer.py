@@ -4,12 +4,15 @@ Pure Linen: `model.init(rng, tokens)` -> variables, `model.apply(variables, toke
 Parameters and activations carry logical axis names only; `qdc_jax.sharding` maps them to a
 mesh with a short rule list from the config.
 
-Two modes share every line of the layer code:
+Three modes share the layer code:
 - training / scoring (`cache=None`): causal attention inside each packed segment;
 - cached decoding (`cache` given): the T new tokens of row b are written into cache slots
   `positions[b, 0] .. positions[b, 0] + T - 1` and attend to every slot <= their position.
   Slot index == absolute position, so rows of different prompt lengths decode side by side
-  and RoPE / sliding windows need no extra bookkeeping.
+  and RoPE / sliding windows need no extra bookkeeping. The sampler's prefill fills such a
+  cache for the prompts;
+- decoding with a shared prompt cache (`init_shared_cache`): the S samples of a prompt read
+  one copy of its keys and values and write their own tokens into slots of their own.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 Array = jax.Array
-Cache = dict[str, dict[str, Array]]
+Cache = dict[str, Any]  # {'layer_i': {'k': .., 'v': .., ...}, ...}
 
 # Finite instead of -inf: a padding query whose keys are all masked then gets a uniform
 # (ignored) softmax instead of NaNs that would poison gradients through `where`.
@@ -65,6 +68,11 @@ class ModelConfig:
   dtype: str = "float32"  # activation / matmul dtype
   param_dtype: str = "float32"
   remat: bool = False  # rematerialise each block in the backward pass
+  # Run the blocks as a `lax.scan` over groups of len(layer_pattern) layers (their parameters
+  # stacked inside the call), so compile time does not grow with depth. The parameter tree
+  # keeps one `layer_i` entry per block either way: checkpoints, imports and exports, LoRA,
+  # Hydra pieces and per-layer hidden states do not depend on this switch.
+  scan_layers: bool = False
 
   def __post_init__(self):
     problems = []
@@ -157,7 +165,7 @@ class Attention(nn.Module):
   kind: str  # 'local' or 'global'
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, cache):
+  def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT, cache, prefix_lengths_R=None):
     cfg = self.config
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -185,6 +193,8 @@ class Attention(nn.Module):
     q = q * jnp.asarray(cfg.query_scale, dt)
     q = nn.with_logical_constraint(q, ("act_batch", "act_len", "act_heads", None))
 
+    if cache is not None and "prefix_k" in cache:
+      return self._attend_shared_prefix(q, kk, v, positions_BxT, cache, prefix_lengths_R, wo)
     if cache is None:
       keys, values = kk, v
       t = x_BxTxD.shape[1]
@@ -214,11 +224,61 @@ class Attention(nn.Module):
     logits = jnp.where(mask[:, None, None], logits, _NEG_INF)
     probs = jax.nn.softmax(logits, axis=-1).astype(dt)
     out = jnp.einsum(f"bkgts,{kv_spec}->btkgh", probs, values).reshape(b, t, n, h)
-    out = nn.with_logical_constraint(out, ("act_batch", "act_len", "act_heads", None))
+    return self._project_out(out, wo), new_cache
+
+  def _project_out(self, out_BxTxNxH, wo):
+    cfg = self.config
+    dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    b, t, n, h = out_BxTxNxH.shape
+    d = cfg.d_model
+    out = nn.with_logical_constraint(out_BxTxNxH, ("act_batch", "act_len", "act_heads", None))
     y = (out.reshape(b * t, n * h) @ wo.astype(dt).reshape(n * h, d)).reshape(b, t, d)
     if cfg.use_bias:
       y = y + _param(self, "o_bias", nn.initializers.zeros, (d,), ("norm",), pdt).astype(dt)
-    return y, new_cache
+    return y
+
+  def _attend_shared_prefix(self, q, kk, v, positions_BxT, cache, prefix_lengths_R, wo):
+    """Decoding with one copy of each prompt's cache for its S samples (`init_shared_cache`).
+
+    Rows r = b*S + s (prompt b, sample s) read the prompt's keys/values from `prefix_k/v`
+    [B, K, P, H] (slots = positions 0..P-1, valid below the row's prompt length) and their
+    own generated ones from `k/v` [B*S, K, N, H] (slot j = position prefix_length + j). The
+    two score blocks are joined before one softmax: the same scores, in the same order of
+    positions, as attention over one full cache per row.
+    """
+    cfg = self.config
+    dt = jnp.dtype(cfg.dtype)
+    r, t, n, h = q.shape
+    k = cfg.num_kv_heads
+    g = n // k
+    plen = prefix_lengths_R.astype(jnp.int32)
+    keys = _write_cache(cache["k"], kk, positions_BxT[:, 0] - plen)
+    values = _write_cache(cache["v"], v, positions_BxT[:, 0] - plen)
+    new_cache = {**cache, "k": keys, "v": values}
+    pk, pv = cache["prefix_k"].astype(dt), cache["prefix_v"].astype(dt)
+    bp, p = pk.shape[0], pk.shape[2]
+    s = r // bp
+    gen_pos = plen[:, None] + jnp.arange(keys.shape[2], dtype=jnp.int32)[None]  # R, N
+    gen_mask = gen_pos[:, None, :] <= positions_BxT[:, :, None]  # R, T, N
+    pre_pos = jnp.arange(p, dtype=jnp.int32)
+    pre_mask = jnp.broadcast_to(pre_pos[None, None, :] < plen[:, None, None], (r, t, p))
+    if self.kind == "local":
+      w = cfg.sliding_window
+      gen_mask = gen_mask & (positions_BxT[:, :, None] - gen_pos[:, None, :] < w)
+      pre_mask = pre_mask & (positions_BxT[:, :, None] - pre_pos[None, None, :] < w)
+    q5 = q.reshape(r, t, k, g, h)
+    pre = jnp.einsum("bstkgh,bkph->bskgtp", q5.reshape(bp, s, t, k, g, h), pk,
+                     preferred_element_type=jnp.float32).reshape(r, k, g, t, p)
+    gen = jnp.einsum("btkgh,bknh->bkgtn", q5, keys.astype(dt),
+                     preferred_element_type=jnp.float32)
+    logits = _softcap(jnp.concatenate([pre, gen], axis=-1), cfg.attn_softcap)
+    mask = jnp.concatenate([pre_mask, gen_mask], axis=-1)
+    logits = jnp.where(mask[:, None, None], logits, _NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+    out = jnp.einsum("bskgtp,bkph->bstkgh", probs[..., :p].reshape(bp, s, k, g, t, p), pv)
+    out = out.reshape(r, t, k, g, h) + jnp.einsum("bkgtn,bknh->btkgh", probs[..., p:],
+                                                  values.astype(dt))
+    return self._project_out(out.reshape(r, t, n, h), wo), new_cache
 
 
 class Mlp(nn.Module):
@@ -255,10 +315,10 @@ class Block(nn.Module):
   kind: str
 
   @nn.compact
-  def __call__(self, x, positions, segment_ids, cache):
+  def __call__(self, x, positions, segment_ids, cache, prefix_lengths=None):
     cfg = self.config
     h, new_cache = Attention(cfg, self.kind, name="attn")(
-        Norm(cfg, name="pre_attn_norm")(x), positions, segment_ids, cache)
+        Norm(cfg, name="pre_attn_norm")(x), positions, segment_ids, cache, prefix_lengths)
     if cfg.post_norms:
       h = Norm(cfg, name="post_attn_norm")(h)
     x = x + h
@@ -323,11 +383,24 @@ class Transformer(nn.Module):
     x = nn.with_logical_constraint(x, ("act_batch", "act_len", "act_embed"))
 
     block_cls = nn.remat(Block) if cfg.remat else Block
-    new_cache = {} if cache is not None else None
+    new_cache = None
+    prefix_lengths = None
+    if cache is not None:
+      new_cache = {k: v for k, v in cache.items() if not k.startswith("layer_")}
+      prefix_lengths = cache.get("prefix_lengths")
+    period = len(cfg.layer_pattern)
+    groups = (last - first) // period
+    if cfg.scan_layers and groups > 1 and not self.is_initializing():
+      x, scanned = _scan_blocks(cfg, nn.meta.unbox(self.variables["params"]), x, positions_BxT,
+                                segment_ids_BxT, cache, prefix_lengths, first, groups)
+      if cache is not None:
+        new_cache.update(scanned)
+      first += groups * period  # the rest (fewer than a period) runs unrolled
     for i in range(first, last):
       name = f"layer_{i}"
       x, c = block_cls(cfg, cfg.attention_kind(i), name=name)(
-          x, positions_BxT, segment_ids_BxT, None if cache is None else cache[name])
+          x, positions_BxT, segment_ids_BxT, None if cache is None else cache[name],
+          prefix_lengths)
       if cache is not None:
         new_cache[name] = c
     if last < cfg.num_layers:
@@ -349,6 +422,41 @@ class Transformer(nn.Module):
     return logits, new_cache
 
 
+def _scan_blocks(cfg: ModelConfig, params: dict, x, positions, segment_ids, cache,
+                 prefix_lengths, first: int, groups: int):
+  """Blocks first .. first + groups * period - 1 as one `lax.scan` over `groups` steps.
+
+  Step g runs the `period` = len(layer_pattern) blocks first + g*period + j (so every step
+  sees the same attention kinds), reading their parameters (and caches) from trees stacked
+  along a leading axis here. Returns (x, {layer name: new cache} or {}).
+  """
+  period = len(cfg.layer_pattern)
+  names = [[f"layer_{first + g * period + j}" for g in range(groups)] for j in range(period)]
+  kinds = [cfg.attention_kind(first + j) for j in range(period)]
+  stack = lambda trees: jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+  xs_params = [stack([params[n] for n in names[j]]) for j in range(period)]
+  xs_cache = None if cache is None else [stack([cache[n] for n in names[j]])
+                                         for j in range(period)]
+
+  def step(x, xs):
+    p, c = xs
+    out = []
+    for j in range(period):
+      x, cj = Block(cfg, kinds[j], parent=None).apply(
+          {"params": p[j]}, x, positions, segment_ids, None if c is None else c[j],
+          prefix_lengths)
+      out.append(cj)
+    return x, (None if c is None else out)
+
+  if cfg.remat:
+    step = jax.checkpoint(step, prevent_cse=False)
+  x, ys = jax.lax.scan(step, x, (xs_params, xs_cache))
+  if cache is None:
+    return x, {}
+  return x, {names[j][g]: jax.tree.map(lambda y, g=g: y[g], ys[j])
+             for j in range(period) for g in range(groups)}
+
+
 CACHE_AXES = ("cache_batch", "act_kv_heads", "cache_len", None)  # [B, K, S, H]
 
 
@@ -360,8 +468,33 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = None) ->
           for i in range(cfg.num_layers)}
 
 
-def cache_logical_axes(cfg: ModelConfig) -> dict:
-  return {f"layer_{i}": {"k": CACHE_AXES, "v": CACHE_AXES} for i in range(cfg.num_layers)}
+def cache_logical_axes(cfg: ModelConfig, shared_prefix: bool = False) -> dict:
+  """Logical axes of `init_cache` (or, with `shared_prefix`, `init_shared_cache`) trees."""
+  if not shared_prefix:
+    return {f"layer_{i}": {"k": CACHE_AXES, "v": CACHE_AXES} for i in range(cfg.num_layers)}
+  layer = {"k": CACHE_AXES, "v": CACHE_AXES, "prefix_k": CACHE_AXES, "prefix_v": CACHE_AXES}
+  return {"prefix_lengths": ("cache_batch",),
+          **{f"layer_{i}": layer for i in range(cfg.num_layers)}}
+
+
+def init_shared_cache(cfg: ModelConfig, prefix: Cache, prefix_lengths_R: Array,
+                      max_new: int, dtype: Any = None) -> Cache:
+  """A decode cache whose R = B*S rows share their prompt's cache: `prefix` (an `init_cache`
+  tree of B prompts, filled by a prefill) is kept once, and each row gets `max_new` slots of
+  its own for generated tokens (slot j = position prefix_lengths_R[r] + j).
+
+  The K samples of a prompt then read one copy of its keys and values: R*(P+N) cache slots
+  become B*P + R*N (docs/benchmarks.md states the bytes for gemma2_9b).
+  """
+  dtype = jnp.dtype(dtype or cfg.dtype)
+  rows = prefix_lengths_R.shape[0]
+  shape = (rows, cfg.num_kv_heads, max_new, cfg.head_dim)
+  out: Cache = {"prefix_lengths": prefix_lengths_R.astype(jnp.int32)}
+  for i in range(cfg.num_layers):
+    c = prefix[f"layer_{i}"]
+    out[f"layer_{i}"] = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+                         "prefix_k": c["k"], "prefix_v": c["v"]}
+  return out
 
 
 def count_params(params) -> int:

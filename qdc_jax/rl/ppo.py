@@ -164,7 +164,9 @@ def forward(trainable: dict, frozen: dict, batch: dict, spec: Spec, *,
             with_reference: bool = False) -> dict:
   """{"logp", "entropy", "values"[, "ref_logp"]}, each [R, T] aligned with the targets."""
   cfg = spec.config
-  model = transformer.Transformer(cfg)
+  # Unmerged LoRA evaluates the model's jaxpr with factored weights, which the stacking of a
+  # scanned stack would have to merge: with LoRA the blocks run unrolled (same parameters).
+  model = transformer.Transformer(cfg.replace(scan_layers=False) if spec.lora_rank else cfg)
   n, f, b = cfg.num_layers, spec.frozen_layers, spec.branch
   tok, pos, seg = batch["inputs"], batch["positions"], batch["segment_ids"]
 

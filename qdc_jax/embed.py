@@ -1,0 +1,188 @@
+"""Embeddings and exact nearest neighbours, shared by the scaling laws (intrinsic dimension of
+text) and the QDC measures (dispersion, self-similarity).
+
+`hidden_states` / `sampled_token_embeddings` embed token sequences with any model directory's
+transformer at any layer (the thesis's 1024-token windows, 32 tokens per document).
+
+`knn` finds the k nearest neighbours of every point of a set by blocked pairwise distances
+and a running `lax.top_k`: one [query block, key block] tile of distances exists at a time,
+so 100k points (or more) fit in a few hundred MB whatever k. Candidates are ranked by the
+matmul form |q|^2 + |x|^2 - 2 q.x (fast, but cancels for close pairs in float32); the
+distances returned are recomputed exactly from the points (|q - x| and 1 - cos), so the
+small distances that intrinsic-dimension estimators take logs of are accurate.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+METRICS = ("euclidean", "cosine")
+
+
+class Neighbours(NamedTuple):
+  distances: jax.Array  # [N, k] ascending; a point is never its own neighbour
+  indices: jax.Array  # [N, k] int32 row indices into the set
+
+
+def _normalise(x: jax.Array) -> jax.Array:
+  norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
+  return x / jnp.where(norm > 0, norm, 1.0)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "metric", "block"))
+def _knn(x_NxD: jax.Array, *, k: int, metric: str, block: int) -> Neighbours:
+  n, d = x_NxD.shape
+  pts = _normalise(x_NxD) if metric == "cosine" else x_NxD
+  nb = -(-n // block)
+  padded = jnp.zeros((nb * block, d), pts.dtype).at[:n].set(pts)
+  sq = jnp.sum(padded * padded, axis=-1)
+  ids = jnp.arange(nb * block, dtype=jnp.int32)
+  key_blocks = padded.reshape(nb, block, d)
+  key_sq, key_ids = sq.reshape(nb, block), ids.reshape(nb, block)
+
+  def one_query_block(args):
+    q, q_sq, q_ids = args  # [block, D], [block], [block]
+
+    def merge(carry, key):
+      best_s, best_i = carry  # scores = -squared distance, larger is nearer
+      kx, k_sq, k_ids = key
+      if metric == "cosine":
+        score = q @ kx.T  # similarity; ranking by it = ranking by 1 - cos
+      else:
+        score = -(q_sq[:, None] + k_sq[None, :] - 2.0 * (q @ kx.T))
+      bad = (k_ids[None, :] >= n) | (k_ids[None, :] == q_ids[:, None])  # padding, self
+      score = jnp.where(bad, -jnp.inf, score)
+      s, i = jax.lax.top_k(score, min(k, block))
+      both_s = jnp.concatenate([best_s, s], axis=1)
+      both_i = jnp.concatenate([best_i, k_ids[i]], axis=1)
+      top_s, pos = jax.lax.top_k(both_s, k)
+      return (top_s, jnp.take_along_axis(both_i, pos, axis=1)), None
+
+    init = (jnp.full((block, k), -jnp.inf, pts.dtype), jnp.zeros((block, k), jnp.int32))
+    (_, idx), _ = jax.lax.scan(merge, init, (key_blocks, key_sq, key_ids))
+    # Exact distances of the chosen neighbours, then re-sorted (ties of the ranking aside,
+    # the order only changes where the matmul form was inexact).
+    nbr = padded[idx]  # [block, k, D]
+    if metric == "cosine":
+      dist = jnp.maximum(1.0 - jnp.einsum("bd,bkd->bk", q, nbr), 0.0)
+    else:
+      dist = jnp.sqrt(jnp.sum(jnp.square(q[:, None, :] - nbr), axis=-1))
+    order = jnp.argsort(dist, axis=1)
+    return (jnp.take_along_axis(dist, order, axis=1),
+            jnp.take_along_axis(idx, order, axis=1))
+
+  dist, idx = jax.lax.map(one_query_block, (key_blocks, key_sq, key_ids))
+  return Neighbours(dist.reshape(nb * block, k)[:n], idx.reshape(nb * block, k)[:n])
+
+
+def knn(x_NxD, k: int, *, metric: str = "euclidean", block: int = 1024) -> Neighbours:
+  """The k nearest neighbours of each of the N points (excluding the point itself).
+
+  `metric`: 'euclidean' (|x - y|) or 'cosine' (1 - cos(x, y); zero vectors count as
+  orthogonal to everything). Duplicate points are each other's neighbours at distance 0.
+  Exact in float64 when x is float64 (enable jax_enable_x64); `block` bounds memory: one
+  [block, block] tile of scores and a [block, k, D] gather exist at a time.
+  """
+  if metric not in METRICS:
+    raise ValueError(f"metric={metric!r}; choose one of {METRICS}")
+  x = jnp.asarray(x_NxD)
+  if x.ndim != 2:
+    raise ValueError(f"knn needs a [N, D] array of points, got shape {x.shape}")
+  n = x.shape[0]
+  if not 1 <= k < n:
+    raise ValueError(f"k={k} neighbours need 1 <= k < N = {n} points")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    x = x.astype(jnp.float32)
+  if not bool(jnp.all(jnp.isfinite(x))):
+    bad = int(np.sum(~np.all(np.isfinite(np.asarray(x)), axis=1)))
+    raise ValueError(f"{bad} of {n} points have NaN or infinite coordinates; drop them first")
+  block = int(max(k, min(block, n)))
+  return _knn(x, k=k, metric=metric, block=block)
+
+
+# ------------------------------------------------------------------ model embeddings of text
+
+
+def hidden_states(params, tokens_BxT, *, model, layer: Optional[int] = None) -> jax.Array:
+  """Token embeddings [B, T, D] of a model: `layer=None` the final layer (after the final
+  norm, what the readout sees), `layer=l` the residual stream leaving block l-1 (l = 0: the
+  input embeddings scaled as the blocks see them), for 0 <= l <= num_layers."""
+  cfg = model.config
+  if layer is None or layer == cfg.num_layers:
+    return model.apply({"params": params}, tokens_BxT, return_hidden=True)[0]
+  if not 0 <= layer < cfg.num_layers:
+    raise ValueError(f"layer={layer}: choose 0..{cfg.num_layers} (or None for the final one)")
+  return model.apply({"params": params}, tokens_BxT, layers=(0, layer))[0]
+
+
+def sampled_token_embeddings(params, docs: Sequence[Sequence[int]], *, model,
+                             layer: Optional[int] = None, context: int = 1024,
+                             per_doc: int = 32, seed: int = 0, batch_size: int = 32,
+                             mesh=None, rules=None, param_shardings=None) -> np.ndarray:
+  """The thesis's text sample for intrinsic dimension: for each document a random window of
+  `context` tokens (the whole document when shorter), embedded by the model (`layer`), and
+  `per_doc` of its positions drawn without replacement (all of them when fewer); every
+  document's vectors together, shuffled. Returns float32 [sum_docs min(per_doc, len), D].
+
+  Seeded: the same (seed, docs) give the same windows, positions and order. Documents are
+  batched (`batch_size` rows per jitted call, padded to one shape); on a mesh every process
+  passes the same `docs` and gets the same array back.
+  """
+  from qdc_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  docs = [list(d) for d in docs]
+  if not docs or any(len(d) == 0 for d in docs):
+    raise ValueError("sampled_token_embeddings needs non-empty token lists")
+  rng = np.random.default_rng(seed)
+  width = min(context, max(len(d) for d in docs))
+  windows, picks = [], []
+  for d in docs:
+    start = int(rng.integers(0, len(d) - width + 1)) if len(d) > width else 0
+    w = d[start:start + width]
+    windows.append(w)
+    picks.append(np.sort(rng.choice(len(w), size=min(per_doc, len(w)), replace=False)))
+  fn = _embed_fn(model, layer, mesh, rules, param_shardings)
+  min_rows = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+  rows = max(min_rows, -(-min(batch_size, len(docs)) // min_rows) * min_rows)
+  out = []
+  for b0 in range(0, len(docs), rows):
+    chunk = windows[b0:b0 + rows]
+    toks = np.zeros((rows, width), np.int32)
+    for i, w in enumerate(chunk):
+      toks[i, :len(w)] = w
+    if mesh is not None:
+      toks = sharding_lib.put_global(toks, mesh, rules or sharding_lib.DEFAULT_RULES)
+    hid = sharding_lib.to_host(fn(params, toks))
+    for i in range(len(chunk)):
+      out.append(hid[i, picks[b0 + i]])
+  vecs = np.concatenate(out).astype(np.float32)
+  return vecs[rng.permutation(len(vecs))]
+
+
+_EMBED_FNS: dict = {}
+
+
+def _embed_fn(model, layer, mesh, rules, param_shardings):
+  leaves, treedef = jax.tree.flatten(param_shardings)
+  key = (model, layer, mesh, None if rules is None else tuple(map(tuple, rules)), treedef,
+         tuple(leaves))
+  if key not in _EMBED_FNS:
+    fn = functools.partial(hidden_states, model=model, layer=layer)
+    if mesh is None:
+      _EMBED_FNS[key] = jax.jit(fn)
+    else:
+      from qdc_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+      rules = rules or sharding_lib.DEFAULT_RULES
+      batch2 = sharding_lib.batch_sharding(mesh, rules, 2)
+      jitted = jax.jit(fn, in_shardings=(param_shardings, batch2),
+                       out_shardings=sharding_lib.batch_sharding(mesh, rules, 3))
+
+      def run(params, toks):
+        with sharding_lib.activation_rules(mesh, rules):
+          return jitted(params, toks)
+      _EMBED_FNS[key] = run
+  return _EMBED_FNS[key]

@@ -1,0 +1,271 @@
+"""Intrinsic dimension of a point set: Levina-Bickel MLE and TwoNN, in JAX (thesis 2.4).
+
+Both read only the sorted nearest-neighbour distances of every point (`embed.knn`):
+- Levina-Bickel MLE with K neighbours: per point m(x) = (K - 1) / sum_{j<=K} log(T_K / T_j),
+  T_j the distance to the j-th neighbour; aggregated by the arithmetic mean of the per-point
+  estimates (scikit-dimension's `MLE().fit(X, comb="mean")`) or by the harmonic form
+  1 / mean(1 / m(x)) (its `comb="mle"`, Levina & Bickel's MacKay-Ghahramani correction).
+- TwoNN (Facco et al. 2017): mu = T_2 / T_1 follows Pareto(1, d); the slope through the
+  origin of -log(1 - F_emp(mu)) against log(mu), the largest `discard_fraction` of the mu
+  left out (scikit-dimension's `TwoNN()`, method 'linear').
+
+Duplicate points (a zero distance among a point's neighbours) would give log(T_K / 0) and
+0 / 0: such points are left out of the aggregate and counted in `duplicates`, never a NaN.
+The thesis's procedure for large sets (`estimate_in_batches`): shuffle, split into batches of
+4096 points, estimate each batch on its own neighbours, average the batch estimates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qdc_jax import embed
+
+AGGREGATIONS = ("mean", "harmonic")
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+  dimension: float
+  points: int  # points that entered the aggregate
+  duplicates: int  # points left out: a zero distance among their neighbours
+  per_point: Optional[np.ndarray] = None  # MLE only: m(x) of the points that entered
+
+
+@jax.jit
+def _mle_per_point(dist_NxK: jax.Array) -> tuple[jax.Array, jax.Array]:
+  k = dist_NxK.shape[1]
+  ok = dist_NxK[:, 0] > 0  # sorted: the first is the smallest
+  safe = jnp.where(ok[:, None], dist_NxK, 1.0)
+  logs = jnp.sum(jnp.log(safe[:, -1:] / safe), axis=1)
+  # All K neighbours at one distance: sum 0 -> an infinite estimate; keep it finite and out.
+  ok = ok & (logs > 0)
+  return jnp.where(ok, (k - 1) / jnp.where(ok, logs, 1.0), 0.0), ok
+
+
+def mle_from_distances(dist_NxK, aggregation: str = "mean") -> Estimate:
+  """Levina-Bickel MLE from sorted neighbour distances [N, K] (self excluded)."""
+  if aggregation not in AGGREGATIONS:
+    raise ValueError(f"aggregation={aggregation!r}; choose one of {AGGREGATIONS}")
+  dist = jnp.asarray(dist_NxK)
+  if dist.ndim != 2 or dist.shape[1] < 2:
+    raise ValueError(f"MLE needs [N, K >= 2] neighbour distances, got shape {dist.shape}")
+  m, ok = jax.device_get(_mle_per_point(dist))
+  m = np.asarray(m)[np.asarray(ok)]
+  if not len(m):
+    raise ValueError("Every point has a zero distance among its neighbours (all duplicates); "
+                     "deduplicate the points or raise K")
+  return Estimate(float(_aggregate(m, aggregation)), int(len(m)), int(dist.shape[0] - len(m)), m)
+
+
+def mle(x_NxD, k: int = 20, *, aggregation: str = "mean", metric: str = "euclidean",
+        block: int = 1024) -> Estimate:
+  """Levina-Bickel MLE of the points' intrinsic dimension with `k` neighbours."""
+  nbrs = embed.knn(x_NxD, k, metric=metric, block=block)
+  return mle_from_distances(nbrs.distances, aggregation)
+
+
+def twonn_from_distances(dist_Nx2, discard_fraction: float = 0.1) -> Estimate:
+  """TwoNN from the first two neighbour distances [N, >= 2] of each point."""
+  if not 0.0 <= discard_fraction < 1.0:
+    raise ValueError(f"discard_fraction={discard_fraction} must be in [0, 1)")
+  d = np.asarray(jax.device_get(dist_Nx2), np.float64)
+  r1, r2 = d[:, 0], d[:, 1]
+  ok = r1 > 0
+  mu = np.sort(r2[ok] / r1[ok])
+  n = len(mu)
+  keep = int(n * (1 - discard_fraction))
+  if keep < 2:
+    raise ValueError(f"TwoNN needs at least 2 points after dropping {int((~ok).sum())} "
+                     f"duplicates and the top {discard_fraction:.0%}; got {keep}")
+  x = np.log(mu[:keep])
+  y = -np.log(1.0 - np.arange(1, keep + 1) / n)
+  return Estimate(float(np.dot(x, y) / np.dot(x, x)), keep, int((~ok).sum()))
+
+
+def twonn(x_NxD, *, discard_fraction: float = 0.1, metric: str = "euclidean",
+          block: int = 1024) -> Estimate:
+  nbrs = embed.knn(x_NxD, 2, metric=metric, block=block)
+  return twonn_from_distances(nbrs.distances, discard_fraction)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchedEstimate:
+  dimension: float  # mean of the batch estimates
+  stderr: float  # standard error of that mean over batches (nan with one batch)
+  batch_dimensions: tuple[float, ...]
+  duplicates: int
+  interval: tuple[float, float]  # percentile bootstrap interval of `dimension`
+  bootstrap: str  # what was resampled
+
+
+def _aggregate(m: np.ndarray, aggregation: str, axis: int = -1) -> np.ndarray:
+  return np.mean(m, axis) if aggregation == "mean" else 1.0 / np.mean(1.0 / m, axis)
+
+
+def estimate_in_batches(x_NxD, *, k: int = 20, batch: int = 4096, estimator: str = "mle",
+                        aggregation: str = "mean", metric: str = "euclidean", seed: int = 0,
+                        bootstrap: int = 1000, level: float = 0.95) -> BatchedEstimate:
+  """The thesis's procedure: shuffle (seeded), batches of `batch` points (with several
+  batches the last, shorter one is dropped), one estimate per batch on that batch's own
+  neighbours, averaged.
+
+  Uncertainty: the standard error over batches, and a percentile bootstrap interval of the
+  averaged estimate. For the MLE the bootstrap resamples the per-point estimates within each
+  batch (so one batch still gets an interval; the neighbour graph is held fixed, so it
+  measures the spread of the aggregate, not of the kNN); for TwoNN it resamples batches.
+  """
+  if estimator not in ("mle", "twonn"):
+    raise ValueError(f"estimator={estimator!r}; choose 'mle' or 'twonn'")
+  x = np.asarray(x_NxD)
+  rng = np.random.default_rng(seed)
+  order = rng.permutation(len(x))
+  nb = max(1, len(x) // batch)
+  ests = []
+  for b in range(nb):
+    rows = order[b * batch:(b + 1) * batch] if nb > 1 else order
+    if estimator == "mle":
+      ests.append(mle(x[rows], k, aggregation=aggregation, metric=metric))
+    else:
+      ests.append(twonn(x[rows], metric=metric))
+  d = np.asarray([e.dimension for e in ests])
+  se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+  if estimator == "mle":
+    boot = np.zeros(bootstrap)
+    for e in ests:
+      m = e.per_point
+      boot += _aggregate(m[rng.integers(0, len(m), (bootstrap, len(m)))], aggregation)
+    boot /= len(ests)
+    what = "per-point estimates within each batch"
+  else:
+    boot = d[rng.integers(0, len(d), (bootstrap, len(d)))].mean(axis=1)
+    what = "batches"
+  lo, hi = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
+  return BatchedEstimate(float(d.mean()), se, tuple(map(float, d)),
+                         sum(e.duplicates for e in ests), (float(lo), float(hi)), what)
+
+
+# ----------------------------------------------------------------------------------- CLI
+#
+#   python -m qdc_jax.scaling.intrinsic_dim [--model_dir=DIR] [--texts=FILE] \
+#       [--layers=final|all|0,2,4] [--out=DIR]
+#
+# Intrinsic dimension of a text corpus the thesis's way, under a model directory's
+# transformer: per document a random window of --context tokens, --per_doc token embeddings
+# of each layer asked for, all shuffled, MLE with K neighbours on batches of --batch points.
+# Defaults: the shipped lab student on lab problem + solution texts. Writes id.json and, with
+# several layers, id_vs_layer.png (thesis figure 2.4, left).
+
+
+def _read_texts(path: str) -> list[str]:
+  """Documents of a .txt file (one per non-empty line) or a .jsonl file (a "text" field, or
+  "prompt" + "completion" joined)."""
+  import json  # pylint: disable=g-import-not-at-top
+  from qdc_jax import storage  # pylint: disable=g-import-not-at-top
+  lines = [l for l in storage.read_text(path).splitlines() if l.strip()]
+  if not path.endswith(".jsonl"):
+    return lines
+  docs = []
+  for i, line in enumerate(lines, 1):
+    row = json.loads(line)
+    if "text" in row:
+      docs.append(str(row["text"]))
+    elif "prompt" in row and "completion" in row:
+      docs.append(str(row["prompt"]) + str(row["completion"]))
+    else:
+      raise ValueError(f"{path}:{i}: needs a 'text' field or 'prompt' and 'completion' "
+                       f"(fields: {sorted(row)})")
+  return docs
+
+
+def _main(argv) -> None:
+  del argv
+  from absl import flags, logging  # pylint: disable=g-import-not-at-top
+  from qdc_jax import embed as embed_lib, model_io, storage  # pylint: disable=g-import-not-at-top
+  from qdc_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  from qdc_jax.data import lab_tasks  # pylint: disable=g-import-not-at-top
+  from qdc_jax.models import transformer  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  model_dir = f.model_dir or model_io.asset_path("lab_student")
+  mesh = sharding_lib.make_mesh((-1, 1, 1))
+  cfg, params, tok, _, shardings = model_io.load_model(model_dir, mesh=mesh)
+  if f.texts:
+    texts = _read_texts(f.texts)
+  else:
+    texts = [p.to_record()["prompt"] + p.solution
+             for p in lab_tasks.student_problems(f.num_docs, seed=f.seed)]
+  texts = texts[:f.num_docs]
+  docs = [tok.encode(t, add_bos=True) for t in texts]
+  if f.layers == "final":
+    layers = [None]
+  elif f.layers == "all":  # every block's output (layer 0, the embedding table, on request)
+    layers = list(range(1, cfg.num_layers + 1))
+  else:
+    layers = [int(x) for x in f.layers.split(",")]
+  model = transformer.Transformer(cfg)
+  results = []
+  for layer in layers:
+    x = embed_lib.sampled_token_embeddings(
+        params, docs, model=model, layer=layer, context=f.context, per_doc=f.per_doc,
+        seed=f.seed, mesh=mesh, param_shardings=shardings)
+    try:
+      est = estimate_in_batches(x, k=f.k, batch=f.batch, seed=f.seed, metric=f.metric)
+    except ValueError as e:  # e.g. a layer whose vectors all repeat: say so, go on
+      results.append({"layer": cfg.num_layers if layer is None else layer, "points": len(x),
+                      "error": str(e)})
+      logging.warning("layer %s: %s", layer, e)
+      continue
+    row = {"layer": cfg.num_layers if layer is None else layer, "points": len(x),
+           "dimension": est.dimension, "stderr": est.stderr, "interval": est.interval,
+           "batches": len(est.batch_dimensions), "duplicates": est.duplicates}
+    results.append(row)
+    if jax.process_index() == 0:
+      print(f"layer {row['layer']}: ID {est.dimension:.2f} (95% interval "
+            f"{est.interval[0]:.2f}-{est.interval[1]:.2f}; {len(x)} points, "
+            f"{row['batches']} batches, {est.duplicates} duplicates)", flush=True)
+  out = {"model_dir": model_dir, "texts": f.texts or "lab train split", "documents":
+         len(docs), "context": f.context, "per_doc": f.per_doc, "k": f.k, "batch": f.batch,
+         "metric": f.metric, "seed": f.seed, "results": results}
+  storage.makedirs(f.out)
+  storage.write_json(storage.join(f.out, "id.json"), out)
+  results_ok = [r for r in results if "error" not in r]
+  if len(results_ok) > 1:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    xs = [r["layer"] for r in results_ok]
+    ys = [r["dimension"] for r in results_ok]
+    lo = [r["dimension"] - r["interval"][0] for r in results_ok]
+    hi = [r["interval"][1] - r["dimension"] for r in results_ok]
+    ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3)
+    ax.set_xlabel("layer (output of block l; 0 = input embeddings)")
+    ax.set_ylabel(f"intrinsic dimension (MLE, K={f.k})")
+    ax.set_title("ID of token embeddings vs layer")
+    fig.tight_layout()
+    storage.save_figure(fig, storage.join(f.out, "id_vs_layer.png"))
+    plt.close(fig)
+  if jax.process_index() == 0:
+    print(f"wrote {storage.join(f.out, 'id.json')}")
+
+
+if __name__ == "__main__":
+  from absl import app as _app, flags as _flags  # pylint: disable=g-import-not-at-top
+  _flags.DEFINE_string("model_dir", None, "model directory (default: the shipped lab student)")
+  _flags.DEFINE_string("texts", None, ".txt (a document per line) or .jsonl; default: lab "
+                       "problem + solution texts")
+  _flags.DEFINE_integer("num_docs", 2000, "documents read (the first N)")
+  _flags.DEFINE_string("layers", "final", "'final', 'all', or a comma list of layer indices")
+  _flags.DEFINE_integer("context", 1024, "tokens per document window")
+  _flags.DEFINE_integer("per_doc", 32, "token embeddings sampled per document")
+  _flags.DEFINE_integer("k", 20, "MLE neighbours")
+  _flags.DEFINE_integer("batch", 4096, "points per estimation batch")
+  _flags.DEFINE_enum("metric", "euclidean", list(embed.METRICS), "distance")
+  _flags.DEFINE_integer("seed", 0, "windows, token picks, shuffling and bootstrap")
+  _flags.DEFINE_string("out", "/tmp/qdc_id", "output directory (local or gs://)")
+  _app.run(_main)

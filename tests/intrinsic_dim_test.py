@@ -1,0 +1,108 @@
+"""Intrinsic-dimension estimators against scikit-dimension 0.5 and naive numpy references."""
+
+import warnings
+
+import jax
+import numpy as np
+import pytest
+import skdim  # a test dependency (setup.py extras "test"): the reference implementation
+
+from qdc_jax import embed
+from qdc_jax.scaling import intrinsic_dim as idim
+
+
+def _manifold(n, d, ambient, seed=0, curved=True):
+  """n points on a d-dimensional manifold in `ambient` dimensions (curved: sin/cos charts)."""
+  rng = np.random.default_rng(seed)
+  z = rng.uniform(-1, 1, (n, d))
+  feats = np.concatenate([z, np.sin(2 * z), np.cos(3 * z)], axis=1) if curved else z
+  return feats @ rng.normal(size=(feats.shape[1], ambient))
+
+
+def _naive_knn(x, k, metric):
+  if metric == "cosine":
+    u = x / np.linalg.norm(x, axis=1, keepdims=True)
+    dist = np.maximum(1.0 - u @ u.T, 0.0)
+  else:
+    dist = np.sqrt(((x[:, None, :] - x[None, :, :]) ** 2).sum(-1))
+  np.fill_diagonal(dist, np.inf)
+  idx = np.argsort(dist, axis=1, kind="stable")[:, :k]
+  return np.take_along_axis(dist, idx, 1), idx
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("block", [64, 1000])  # 64 does not divide 300: padded key blocks
+def test_blocked_knn_equals_naive_numpy(metric, block):
+  x = _manifold(300, 4, 12, seed=1)
+  with jax.enable_x64(True):
+    got = embed.knn(x, 7, metric=metric, block=block)
+    dist, idx = np.asarray(got.distances), np.asarray(got.indices)
+  want_d, want_i = _naive_knn(x, 7, metric)
+  np.testing.assert_allclose(dist, want_d, rtol=1e-10, atol=1e-12)
+  np.testing.assert_array_equal(idx, want_i)
+  # float32: neighbours ranked by the matmul form, distances recomputed exactly.
+  got32 = embed.knn(x.astype(np.float32), 7, metric=metric, block=block)
+  np.testing.assert_allclose(np.asarray(got32.distances), want_d, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-5), (np.float32, 1e-4)])
+def test_mle_and_twonn_equal_scikit_dimension(dtype, rtol):
+  x = _manifold(1500, 5, 30, seed=2)
+  ref = x.astype(np.float64) if dtype == np.float64 else x.astype(np.float32).astype(
+      np.float64)
+  with jax.enable_x64(dtype == np.float64):
+    mean = idim.mle(x.astype(dtype), 20, aggregation="mean")
+    harmonic = idim.mle(x.astype(dtype), 20, aggregation="harmonic")
+    two = idim.twonn(x.astype(dtype))
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    want_mean = skdim.id.MLE().fit(ref, n_neighbors=20, comb="mean").dimension_
+    want_harm = skdim.id.MLE().fit(ref, n_neighbors=20, comb="mle").dimension_
+    want_two = skdim.id.TwoNN().fit(ref).dimension_
+  np.testing.assert_allclose(mean.dimension, want_mean, rtol=rtol)
+  np.testing.assert_allclose(harmonic.dimension, want_harm, rtol=rtol)
+  np.testing.assert_allclose(two.dimension, want_two, rtol=rtol)
+  assert mean.points == 1500 and mean.duplicates == 0
+  assert 3.5 < mean.dimension < 6.5  # and the estimate is near the truth (5)
+
+
+def test_duplicates_are_left_out_and_counted_never_nan():
+  x = _manifold(400, 3, 10, seed=3)
+  x = np.concatenate([x, x[:25]])  # 25 exact copies: 50 points with a zero distance
+  est = idim.mle(x, 10)
+  assert est.duplicates == 50 and est.points == 375
+  clean = idim.mle_from_distances(  # rows 25..399 are the points without a copy
+      np.asarray(embed.knn(x, 10).distances)[25:400], "mean")
+  assert np.isfinite(est.dimension)
+  np.testing.assert_allclose(est.dimension, clean.dimension, rtol=1e-6)
+  two = idim.twonn(x)
+  assert two.duplicates == 50 and np.isfinite(two.dimension)
+  with pytest.raises(ValueError, match="duplicates"):
+    idim.mle(np.ones((30, 4)), 5)
+
+
+def test_batched_procedure_recovers_a_known_dimension_with_an_interval():
+  # 6-dimensional flat manifold in 40 dimensions, 3 batches of 1000 points.
+  x = _manifold(3200, 6, 40, seed=4, curved=False)
+  res = idim.estimate_in_batches(x, k=20, batch=1000, seed=0, bootstrap=200)
+  assert len(res.batch_dimensions) == 3
+  np.testing.assert_allclose(res.dimension, np.mean(res.batch_dimensions))
+  assert res.interval[0] <= res.dimension <= res.interval[1]
+  assert 5.0 < res.dimension < 7.0
+  assert res.stderr > 0
+  # Same seed, same batches, same answer.
+  again = idim.estimate_in_batches(x, k=20, batch=1000, seed=0, bootstrap=200)
+  assert again.batch_dimensions == res.batch_dimensions
+
+
+def test_bad_input_names_the_problem():
+  with pytest.raises(ValueError, match="metric"):
+    embed.knn(np.zeros((10, 3)), 2, metric="manhattan")
+  with pytest.raises(ValueError, match="k=10"):
+    embed.knn(np.random.default_rng(0).normal(size=(10, 3)), 10)
+  x = np.random.default_rng(0).normal(size=(10, 3))
+  x[3, 1] = np.nan
+  with pytest.raises(ValueError, match="1 of 10 points have NaN"):
+    embed.knn(x, 3)
+  with pytest.raises(ValueError, match="aggregation"):
+    idim.mle(np.random.default_rng(0).normal(size=(50, 3)), 5, aggregation="median")
