@@ -123,11 +123,15 @@ def hidden_states(params, tokens_BxT, *, model, layer: Optional[int] = None) -> 
 def sampled_token_embeddings(params, docs: Sequence[Sequence[int]], *, model,
                              layer: Optional[int] = None, context: int = 1024,
                              per_doc: int = 32, seed: int = 0, batch_size: int = 32,
-                             mesh=None, rules=None, param_shardings=None) -> np.ndarray:
+                             positions: Optional[tuple[int, int]] = None, mesh=None,
+                             rules=None, param_shardings=None) -> np.ndarray:
   """The thesis's text sample for intrinsic dimension: for each document a random window of
   `context` tokens (the whole document when shorter), embedded by the model (`layer`), and
   `per_doc` of its positions drawn without replacement (all of them when fewer); every
   document's vectors together, shuffled. Returns float32 [sum_docs min(per_doc, len), D].
+
+  `positions=(lo, hi)` draws only window positions lo <= i < hi (the context-position
+  ablation; documents with fewer positions there give fewer vectors, none gives none).
 
   Seeded: the same (seed, docs) give the same windows, positions and order. Documents are
   batched (`batch_size` rows per jitted call, padded to one shape); on a mesh every process
@@ -144,7 +148,9 @@ def sampled_token_embeddings(params, docs: Sequence[Sequence[int]], *, model,
     start = int(rng.integers(0, len(d) - width + 1)) if len(d) > width else 0
     w = d[start:start + width]
     windows.append(w)
-    picks.append(np.sort(rng.choice(len(w), size=min(per_doc, len(w)), replace=False)))
+    lo, hi = positions or (0, len(w))
+    allowed = np.arange(min(lo, len(w)), min(hi, len(w)))
+    picks.append(np.sort(rng.choice(allowed, size=min(per_doc, len(allowed)), replace=False)))
   fn = _embed_fn(model, layer, mesh, rules, param_shardings)
   min_rows = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
   rows = max(min_rows, -(-min(batch_size, len(docs)) // min_rows) * min_rows)
@@ -160,6 +166,9 @@ def sampled_token_embeddings(params, docs: Sequence[Sequence[int]], *, model,
     for i in range(len(chunk)):
       out.append(hid[i, picks[b0 + i]])
   vecs = np.concatenate(out).astype(np.float32)
+  if not len(vecs):
+    raise ValueError(f"No token at window positions {positions} in any of the {len(docs)} "
+                     f"documents")
   return vecs[rng.permutation(len(vecs))]
 
 

@@ -31,9 +31,13 @@ def test_sampled_token_embeddings_are_the_documents_own_hidden_states(layer):
   docs = [list(rng.integers(3, 100, n)) for n in (5, 17, 9, 30, 2, 12, 21)]
   got = embed.sampled_token_embeddings(params, docs, model=model, layer=layer, context=64,
                                        per_doc=6, seed=3, batch_size=3)
-  # Reference: each document alone, unpadded, every position.
-  pool = np.concatenate([np.asarray(embed.hidden_states(params, jnp.asarray([d]), model=model,
-                                                        layer=layer))[0] for d in docs])
+  # Reference: every position of every document, one document per row of one padded batch
+  # (causal attention: right padding changes nothing before it).
+  padded = np.zeros((len(docs), 32), np.int32)
+  for i, d in enumerate(docs):
+    padded[i, :len(d)] = d
+  full = np.asarray(embed.hidden_states(params, jnp.asarray(padded), model=model, layer=layer))
+  pool = np.concatenate([full[i, :len(d)] for i, d in enumerate(docs)])
   assert got.shape == (sum(min(6, len(d)) for d in docs), model.config.d_model)
   dist = np.sqrt(((got[:, None, :] - pool[None]) ** 2).sum(-1))
   nearest = dist.argmin(1)
@@ -43,6 +47,14 @@ def test_sampled_token_embeddings_are_the_documents_own_hidden_states(layer):
   again = embed.sampled_token_embeddings(params, docs, model=model, layer=layer, context=64,
                                          per_doc=6, seed=3, batch_size=3)
   np.testing.assert_array_equal(got, again)  # seeded
+  # The context-position ablation: only window positions 2..5 (docs of 2 tokens give none).
+  where = np.concatenate([np.arange(len(d)) for d in docs])
+  part = embed.sampled_token_embeddings(params, docs, model=model, layer=layer, context=64,
+                                        per_doc=3, seed=3, batch_size=3, positions=(2, 6))
+  assert len(part) == 3 * 6
+  dist = np.sqrt(((part[:, None, :] - pool[None]) ** 2).sum(-1))
+  if layer != 0:
+    assert set(where[dist.argmin(1)].tolist()) <= {2, 3, 4, 5}
 
 
 def test_windows_shorter_than_documents_and_a_mesh_give_the_same_sample():
@@ -74,16 +86,24 @@ def test_text_id_command_line_on_the_lab_student(tmp_path):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run(
       [sys.executable, "-m", "qdc_jax.scaling.intrinsic_dim", f"--texts={texts}",
-       "--layers=0,2,4", "--per_doc=8", "--batch=1000", "--k=10", f"--out={out}"],
+       "--layers=0,2,4", "--position_buckets=0,20,200", "--per_doc=8", "--batch=1000",
+       "--k=10", f"--out={out}"],
       capture_output=True, text=True, env=env, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   res = json.loads((out / "id.json").read_text())
-  assert [r["layer"] for r in res["results"]] == [0, 2, 4]
-  # Layer 0 is the embedding table (RoPE adds no position): the char vocabulary's few dozen
-  # vectors repeat, every point has a duplicate, and the layer's row says so instead of
-  # stopping the run.
-  assert "duplicates" in res["results"][0]["error"]
-  for r in res["results"][1:]:
-    assert r["points"] == 2400 and r["batches"] == 2
-    assert 0 < r["interval"][0] <= r["dimension"] <= r["interval"][1] < 128
+  assert [(r["layer"], r["positions"]) for r in res["results"]] == [
+      (l, b) for l in (0, 2, 4) for b in ([0, 20], [20, 200])]
+  rows = {(r["layer"], tuple(r["positions"])): r for r in res["results"]}
+  # Layer 0 is the embedding table (RoPE adds no position): past the shared "Question: What
+  # is " prefix its vectors are the char vocabulary's few dozen, every point has a duplicate,
+  # and the row says so instead of stopping the run.
+  assert "duplicates" in rows[(0, (20, 200))]["error"]
+  # The shared prefix makes most points of positions 0..19 duplicates at every layer: counted.
+  for layer in (2, 4):
+    assert rows[(layer, (0, 20))]["duplicates"] > 0.8 * rows[(layer, (0, 20))]["points"]
+    r = rows[(layer, (20, 200))]
+    assert r["points"] == 2400 and r["batches"] == 2  # every text is over 40 characters
+    assert r["duplicates"] < 0.1 * r["points"]
+    assert 1 < r["interval"][0] <= r["dimension"] <= r["interval"][1] < 128
   assert (out / "id_vs_layer.png").stat().st_size > 1000
+  assert (out / "id_vs_position.png").stat().st_size > 1000

@@ -159,7 +159,7 @@ def estimate_in_batches(x_NxD, *, k: int = 20, batch: int = 4096, estimator: str
 # transformer: per document a random window of --context tokens, --per_doc token embeddings
 # of each layer asked for, all shuffled, MLE with K neighbours on batches of --batch points.
 # Defaults: the shipped lab student on lab problem + solution texts. Writes id.json and, with
-# several layers, id_vs_layer.png (thesis figure 2.4, left).
+# several layers or --position_buckets, id_vs_layer.png / id_vs_position.png (thesis fig. 2.4).
 
 
 def _read_texts(path: str) -> list[str]:
@@ -181,6 +181,27 @@ def _read_texts(path: str) -> list[str]:
       raise ValueError(f"{path}:{i}: needs a 'text' field or 'prompt' and 'completion' "
                        f"(fields: {sorted(row)})")
   return docs
+
+
+def _plot(rows: list[dict], key: str, xlabel: str, k: int, path: str) -> None:
+  """ID with its bootstrap interval against one ablation axis (thesis figure 2.4)."""
+  if len(rows) < 2:
+    return
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from qdc_jax import storage  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  xs = [r[key][0] if key == "positions" else r[key] for r in rows]
+  ys = [r["dimension"] for r in rows]
+  err = [[r["dimension"] - r["interval"][0] for r in rows],
+         [r["interval"][1] - r["dimension"] for r in rows]]
+  ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(f"intrinsic dimension (MLE, K={k})")
+  fig.tight_layout()
+  storage.save_figure(fig, path)
+  plt.close(fig)
 
 
 def _main(argv) -> None:
@@ -208,48 +229,45 @@ def _main(argv) -> None:
   else:
     layers = [int(x) for x in f.layers.split(",")]
   model = transformer.Transformer(cfg)
+  edges = [int(e) for e in f.position_buckets.split(",") if e]
+  buckets = list(zip(edges[:-1], edges[1:])) or [None]
+  runs = [(layer, b) for layer in layers for b in buckets]
   results = []
-  for layer in layers:
+  for layer, bucket in runs:
     x = embed_lib.sampled_token_embeddings(
         params, docs, model=model, layer=layer, context=f.context, per_doc=f.per_doc,
-        seed=f.seed, mesh=mesh, param_shardings=shardings)
+        seed=f.seed, positions=bucket, mesh=mesh, param_shardings=shardings)
     try:
       est = estimate_in_batches(x, k=f.k, batch=f.batch, seed=f.seed, metric=f.metric)
     except ValueError as e:  # e.g. a layer whose vectors all repeat: say so, go on
-      results.append({"layer": cfg.num_layers if layer is None else layer, "points": len(x),
-                      "error": str(e)})
+      results.append({"layer": cfg.num_layers if layer is None else layer, "positions":
+                      bucket, "points": len(x), "error": str(e)})
       logging.warning("layer %s: %s", layer, e)
       continue
-    row = {"layer": cfg.num_layers if layer is None else layer, "points": len(x),
+    row = {"layer": cfg.num_layers if layer is None else layer, "positions": bucket,
+           "points": len(x),
            "dimension": est.dimension, "stderr": est.stderr, "interval": est.interval,
            "batches": len(est.batch_dimensions), "duplicates": est.duplicates}
     results.append(row)
     if jax.process_index() == 0:
-      print(f"layer {row['layer']}: ID {est.dimension:.2f} (95% interval "
+      where = f" positions {bucket[0]}-{bucket[1]}" if bucket else ""
+      print(f"layer {row['layer']}{where}: ID {est.dimension:.2f} (95% interval "
             f"{est.interval[0]:.2f}-{est.interval[1]:.2f}; {len(x)} points, "
             f"{row['batches']} batches, {est.duplicates} duplicates)", flush=True)
-  out = {"model_dir": model_dir, "texts": f.texts or "lab train split", "documents":
+  out = {"model_dir": model_dir, "texts": f.texts or "lab student problems", "documents":
          len(docs), "context": f.context, "per_doc": f.per_doc, "k": f.k, "batch": f.batch,
          "metric": f.metric, "seed": f.seed, "results": results}
   storage.makedirs(f.out)
   storage.write_json(storage.join(f.out, "id.json"), out)
   results_ok = [r for r in results if "error" not in r]
-  if len(results_ok) > 1:
-    import matplotlib  # pylint: disable=g-import-not-at-top
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    xs = [r["layer"] for r in results_ok]
-    ys = [r["dimension"] for r in results_ok]
-    lo = [r["dimension"] - r["interval"][0] for r in results_ok]
-    hi = [r["interval"][1] - r["dimension"] for r in results_ok]
-    ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3)
-    ax.set_xlabel("layer (output of block l; 0 = input embeddings)")
-    ax.set_ylabel(f"intrinsic dimension (MLE, K={f.k})")
-    ax.set_title("ID of token embeddings vs layer")
-    fig.tight_layout()
-    storage.save_figure(fig, storage.join(f.out, "id_vs_layer.png"))
-    plt.close(fig)
+  if len(layers) > 1:  # at the first position bucket; positions at the last layer
+    _plot([r for r in results_ok if r["positions"] == buckets[0]], "layer",
+          "layer (output of block l; 0 = input embeddings)", f.k,
+          storage.join(f.out, "id_vs_layer.png"))
+  if len(buckets) > 1:
+    _plot([r for r in results_ok if r["layer"] == results[-1]["layer"]], "positions",
+          "position in the window (bucket start)", f.k,
+          storage.join(f.out, "id_vs_position.png"))
   if jax.process_index() == 0:
     print(f"wrote {storage.join(f.out, 'id.json')}")
 
@@ -262,6 +280,8 @@ if __name__ == "__main__":
   _flags.DEFINE_integer("num_docs", 2000, "documents read (the first N)")
   _flags.DEFINE_string("layers", "final", "'final', 'all', or a comma list of layer indices")
   _flags.DEFINE_integer("context", 1024, "tokens per document window")
+  _flags.DEFINE_string("position_buckets", "", "window-position edges, e.g. 0,16,32,64,128: "
+                       "one estimate per [edge_i, edge_i+1) (the context-position ablation)")
   _flags.DEFINE_integer("per_doc", 32, "token embeddings sampled per document")
   _flags.DEFINE_integer("k", 20, "MLE neighbours")
   _flags.DEFINE_integer("batch", 4096, "points per estimation batch")
