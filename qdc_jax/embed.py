@@ -1,5 +1,5 @@
-"""Embeddings and exact nearest neighbours, shared by the scaling laws (intrinsic dimension of
-text) and the QDC measures (dispersion, self-similarity).
+"""Embeddings and exact nearest neighbours: the intrinsic dimension of text (scaling laws)
+reads them, and the QDC measures (embedding dispersion, self-similarity) are to share them.
 
 `hidden_states` / `sampled_token_embeddings` embed token sequences with any model directory's
 transformer at any layer (the thesis's 1024-token windows, 32 tokens per document).
@@ -7,9 +7,15 @@ transformer at any layer (the thesis's 1024-token windows, 32 tokens per documen
 `knn` finds the k nearest neighbours of every point of a set by blocked pairwise distances
 and a running `lax.top_k`: one [query block, key block] tile of distances exists at a time,
 so 100k points (or more) fit in a few hundred MB whatever k. Candidates are ranked by the
-matmul form |q|^2 + |x|^2 - 2 q.x (fast, but cancels for close pairs in float32); the
-distances returned are recomputed exactly from the points (|q - x| and 1 - cos), so the
-small distances that intrinsic-dimension estimators take logs of are accurate.
+matmul form |q|^2 + |x|^2 - 2 q.x on mean-centred points with full-precision matmuls (the
+form cancels when distances are small next to the norms; centring removes a shared offset,
+and HIGHEST keeps TPU/GPU from bf16/TF32 passes); the distances returned are recomputed
+directly from the points, so the small distances that intrinsic-dimension estimators take
+logs of are accurate.
+
+Metrics: 'euclidean' |x - y|, and 'cosine' as the chord |x/|x| - y/|y|| = sqrt(2 (1 - cos)):
+the same neighbours as 1 - cos, but a distance that scales linearly with the angle, as the
+estimators assume (1 - cos grows with its square and would halve every estimate).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ def _normalise(x: jax.Array) -> jax.Array:
 def _knn(x_NxD: jax.Array, *, k: int, metric: str, block: int) -> Neighbours:
   n, d = x_NxD.shape
   pts = _normalise(x_NxD) if metric == "cosine" else x_NxD
+  pts = pts - jnp.mean(pts, axis=0, keepdims=True)  # distances are translation-invariant
   nb = -(-n // block)
   padded = jnp.zeros((nb * block, d), pts.dtype).at[:n].set(pts)
   sq = jnp.sum(padded * padded, axis=-1)
@@ -51,10 +58,8 @@ def _knn(x_NxD: jax.Array, *, k: int, metric: str, block: int) -> Neighbours:
     def merge(carry, key):
       best_s, best_i = carry  # scores = -squared distance, larger is nearer
       kx, k_sq, k_ids = key
-      if metric == "cosine":
-        score = q @ kx.T  # similarity; ranking by it = ranking by 1 - cos
-      else:
-        score = -(q_sq[:, None] + k_sq[None, :] - 2.0 * (q @ kx.T))
+      dots = jnp.matmul(q, kx.T, precision=jax.lax.Precision.HIGHEST)
+      score = -(q_sq[:, None] + k_sq[None, :] - 2.0 * dots)  # - squared distance
       bad = (k_ids[None, :] >= n) | (k_ids[None, :] == q_ids[:, None])  # padding, self
       score = jnp.where(bad, -jnp.inf, score)
       s, i = jax.lax.top_k(score, min(k, block))
@@ -68,10 +73,7 @@ def _knn(x_NxD: jax.Array, *, k: int, metric: str, block: int) -> Neighbours:
     # Exact distances of the chosen neighbours, then re-sorted (ties of the ranking aside,
     # the order only changes where the matmul form was inexact).
     nbr = padded[idx]  # [block, k, D]
-    if metric == "cosine":
-      dist = jnp.maximum(1.0 - jnp.einsum("bd,bkd->bk", q, nbr), 0.0)
-    else:
-      dist = jnp.sqrt(jnp.sum(jnp.square(q[:, None, :] - nbr), axis=-1))
+    dist = jnp.sqrt(jnp.sum(jnp.square(q[:, None, :] - nbr), axis=-1))
     order = jnp.argsort(dist, axis=1)
     return (jnp.take_along_axis(dist, order, axis=1),
             jnp.take_along_axis(idx, order, axis=1))
@@ -83,8 +85,9 @@ def _knn(x_NxD: jax.Array, *, k: int, metric: str, block: int) -> Neighbours:
 def knn(x_NxD, k: int, *, metric: str = "euclidean", block: int = 1024) -> Neighbours:
   """The k nearest neighbours of each of the N points (excluding the point itself).
 
-  `metric`: 'euclidean' (|x - y|) or 'cosine' (1 - cos(x, y); zero vectors count as
-  orthogonal to everything). Duplicate points are each other's neighbours at distance 0.
+  `metric`: 'euclidean' (|x - y|) or 'cosine' (the chord between the unit vectors,
+  sqrt(2 (1 - cos)); zero vectors stay at the origin). Duplicate points are each other's
+  neighbours at distance 0.
   Exact in float64 when x is float64 (enable jax_enable_x64); `block` bounds memory: one
   [block, block] tile of scores and a [block, k, D] gather exist at a time.
   """
@@ -109,9 +112,10 @@ def knn(x_NxD, k: int, *, metric: str = "euclidean", block: int = 1024) -> Neigh
 
 
 def hidden_states(params, tokens_BxT, *, model, layer: Optional[int] = None) -> jax.Array:
-  """Token embeddings [B, T, D] of a model: `layer=None` the final layer (after the final
-  norm, what the readout sees), `layer=l` the residual stream leaving block l-1 (l = 0: the
-  input embeddings scaled as the blocks see them), for 0 <= l <= num_layers."""
+  """Token embeddings [B, T, D] of a model: `layer=l` for 0 <= l < num_layers is the raw
+  residual stream leaving block l-1 (l = 0: the input embeddings scaled as the blocks see
+  them); `layer=None` or `num_layers` is the final layer *after the final norm* (what the
+  readout sees, the thesis's "final-layer embeddings"), not the raw stream."""
   cfg = model.config
   if layer is None or layer == cfg.num_layers:
     return model.apply({"params": params}, tokens_BxT, return_hidden=True)[0]
@@ -154,17 +158,22 @@ def sampled_token_embeddings(params, docs: Sequence[Sequence[int]], *, model,
   fn = _embed_fn(model, layer, mesh, rules, param_shardings)
   min_rows = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
   rows = max(min_rows, -(-min(batch_size, len(docs)) // min_rows) * min_rows)
+  m = max(1, max(len(p) for p in picks))
   out = []
   for b0 in range(0, len(docs), rows):
     chunk = windows[b0:b0 + rows]
     toks = np.zeros((rows, width), np.int32)
+    at = np.zeros((rows, m), np.int32)  # positions to keep, gathered on the device
     for i, w in enumerate(chunk):
       toks[i, :len(w)] = w
+      at[i, :len(picks[b0 + i])] = picks[b0 + i]
     if mesh is not None:
-      toks = sharding_lib.put_global(toks, mesh, rules or sharding_lib.DEFAULT_RULES)
-    hid = sharding_lib.to_host(fn(params, toks))
+      rules = rules or sharding_lib.DEFAULT_RULES
+      toks, at = sharding_lib.put_global(toks, mesh, rules), sharding_lib.put_global(
+          at, mesh, rules)
+    hid = sharding_lib.to_host(fn(params, toks, at))  # [rows, m, D]
     for i in range(len(chunk)):
-      out.append(hid[i, picks[b0 + i]])
+      out.append(hid[i, :len(picks[b0 + i])])
   vecs = np.concatenate(out).astype(np.float32)
   if not len(vecs):
     raise ValueError(f"No token at window positions {positions} in any of the {len(docs)} "
@@ -180,18 +189,21 @@ def _embed_fn(model, layer, mesh, rules, param_shardings):
   key = (model, layer, mesh, None if rules is None else tuple(map(tuple, rules)), treedef,
          tuple(leaves))
   if key not in _EMBED_FNS:
-    fn = functools.partial(hidden_states, model=model, layer=layer)
+    def fn(params, toks_BxT, at_BxM):
+      hid = hidden_states(params, toks_BxT, model=model, layer=layer)
+      return jnp.take_along_axis(hid, at_BxM[:, :, None], axis=1)
+
     if mesh is None:
       _EMBED_FNS[key] = jax.jit(fn)
     else:
       from qdc_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
       rules = rules or sharding_lib.DEFAULT_RULES
       batch2 = sharding_lib.batch_sharding(mesh, rules, 2)
-      jitted = jax.jit(fn, in_shardings=(param_shardings, batch2),
+      jitted = jax.jit(fn, in_shardings=(param_shardings, batch2, batch2),
                        out_shardings=sharding_lib.batch_sharding(mesh, rules, 3))
 
-      def run(params, toks):
+      def run(params, toks, at):
         with sharding_lib.activation_rules(mesh, rules):
-          return jitted(params, toks)
+          return jitted(params, toks, at)
       _EMBED_FNS[key] = run
   return _EMBED_FNS[key]

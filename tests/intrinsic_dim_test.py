@@ -20,9 +20,9 @@ def _manifold(n, d, ambient, seed=0, curved=True):
 
 
 def _naive_knn(x, k, metric):
-  if metric == "cosine":
+  if metric == "cosine":  # the chord between unit vectors, sqrt(2 (1 - cos))
     u = x / np.linalg.norm(x, axis=1, keepdims=True)
-    dist = np.maximum(1.0 - u @ u.T, 0.0)
+    dist = np.sqrt(np.maximum(2.0 * (1.0 - u @ u.T), 0.0))
   else:
     dist = np.sqrt(((x[:, None, :] - x[None, :, :]) ** 2).sum(-1))
   np.fill_diagonal(dist, np.inf)
@@ -43,6 +43,27 @@ def test_blocked_knn_equals_naive_numpy(metric, block):
   # float32: neighbours ranked by the matmul form, distances recomputed exactly.
   got32 = embed.knn(x.astype(np.float32), 7, metric=metric, block=block)
   np.testing.assert_allclose(np.asarray(got32.distances), want_d, rtol=1e-4, atol=1e-6)
+
+
+def test_float32_ranking_survives_a_large_shared_offset():
+  # Distances ~1e-3 of the norms: the matmul form cancels unless the points are centred.
+  x = _manifold(400, 4, 16, seed=7) * 1e-2 + 30.0
+  want_d, want_i = _naive_knn(x, 10, "euclidean")
+  got = embed.knn(x.astype(np.float32), 10)
+  assert (np.asarray(got.indices) == want_i).mean() > 0.99
+  np.testing.assert_allclose(np.asarray(got.distances), want_d, rtol=1e-3)
+
+
+def test_cosine_estimates_match_euclidean_on_the_sphere_scale():
+  # The chord scales linearly with the angle, so on directions the ID is not halved (1 - cos
+  # would halve it): points with a 5-dimensional set of directions, random norms.
+  rng = np.random.default_rng(3)
+  dirs = _manifold(2000, 5, 20, seed=8)
+  dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+  x = dirs * rng.uniform(0.5, 2.0, (2000, 1))
+  cos_est = idim.mle(x, 20, metric="cosine").dimension
+  euc_est = idim.mle(dirs, 20).dimension  # the directions themselves, euclidean
+  assert cos_est == pytest.approx(euc_est, rel=0.03)
 
 
 @pytest.mark.parametrize("dtype,rtol", [(np.float64, 1e-5), (np.float32, 1e-4)])
@@ -106,3 +127,18 @@ def test_bad_input_names_the_problem():
     embed.knn(x, 3)
   with pytest.raises(ValueError, match="aggregation"):
     idim.mle(np.random.default_rng(0).normal(size=(50, 3)), 5, aggregation="median")
+  with pytest.raises(ValueError, match="discard_fraction"):
+    idim.twonn(np.random.default_rng(0).normal(size=(50, 3)), discard_fraction=0.0)
+  # Points whose K neighbours are all equidistant (a square lattice's 4 nearest) are counted
+  # apart from duplicates.
+  grid = np.stack(np.meshgrid(np.arange(12.0), np.arange(12.0)), -1).reshape(-1, 2)
+  est = idim.mle(grid, 4)
+  assert est.duplicates == 0 and est.degenerate > 0 and np.isfinite(est.dimension)
+
+
+def test_twonn_interval_resamples_points_even_in_one_batch():
+  x = _manifold(1500, 3, 12, seed=9)
+  res = idim.estimate_in_batches(x, estimator="twonn", batch=4096, bootstrap=200)
+  assert len(res.batch_dimensions) == 1
+  lo, hi = res.interval
+  assert lo < res.dimension < hi and hi - lo > 1e-3

@@ -53,5 +53,7 @@ def test_bad_fit_input_names_the_problem():
     laws.fit_power_law([1e3, 1e4], [2.0, 1.5])
   with pytest.raises(ValueError, match="positive and finite"):
     laws.fit_power_law([1e3, 1e4, 1e5], [2.0, 0.0, 1.0])
+  with pytest.raises(ValueError, match="All sizes are equal"):
+    laws.fit_power_law([1e3, 1e3, 1e3], [2.0, 1.9, 2.1])
   with pytest.raises(ValueError, match="alpha_D"):
     laws.alpha_n_from_alpha_d(1.2)

@@ -34,18 +34,20 @@ class Estimate:
   dimension: float
   points: int  # points that entered the aggregate
   duplicates: int  # points left out: a zero distance among their neighbours
-  per_point: Optional[np.ndarray] = None  # MLE only: m(x) of the points that entered
+  # MLE: m(x) of the points that entered; TwoNN: their ratios mu = T_2 / T_1.
+  per_point: Optional[np.ndarray] = None
+  degenerate: int = 0  # MLE: points left out whose K neighbours are all equidistant
 
 
 @jax.jit
-def _mle_per_point(dist_NxK: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _mle_per_point(dist_NxK: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   k = dist_NxK.shape[1]
-  ok = dist_NxK[:, 0] > 0  # sorted: the first is the smallest
-  safe = jnp.where(ok[:, None], dist_NxK, 1.0)
+  distinct = dist_NxK[:, 0] > 0  # sorted: the first is the smallest
+  safe = jnp.where(distinct[:, None], dist_NxK, 1.0)
   logs = jnp.sum(jnp.log(safe[:, -1:] / safe), axis=1)
   # All K neighbours at one distance: sum 0 -> an infinite estimate; keep it finite and out.
-  ok = ok & (logs > 0)
-  return jnp.where(ok, (k - 1) / jnp.where(ok, logs, 1.0), 0.0), ok
+  ok = distinct & (logs > 0)
+  return jnp.where(ok, (k - 1) / jnp.where(ok, logs, 1.0), 0.0), ok, distinct
 
 
 def mle_from_distances(dist_NxK, aggregation: str = "mean") -> Estimate:
@@ -55,12 +57,12 @@ def mle_from_distances(dist_NxK, aggregation: str = "mean") -> Estimate:
   dist = jnp.asarray(dist_NxK)
   if dist.ndim != 2 or dist.shape[1] < 2:
     raise ValueError(f"MLE needs [N, K >= 2] neighbour distances, got shape {dist.shape}")
-  m, ok = jax.device_get(_mle_per_point(dist))
-  m = np.asarray(m)[np.asarray(ok)]
-  if not len(m):
-    raise ValueError("Every point has a zero distance among its neighbours (all duplicates); "
-                     "deduplicate the points or raise K")
-  return Estimate(float(_aggregate(m, aggregation)), int(len(m)), int(dist.shape[0] - len(m)), m)
+  m, ok, distinct = (np.asarray(a) for a in jax.device_get(_mle_per_point(dist)))
+  if not ok.any():
+    raise ValueError("Every point has a zero distance among its neighbours (all duplicates) "
+                     "or K equidistant neighbours; deduplicate the points or raise K")
+  return Estimate(float(_aggregate(m[ok], aggregation)), int(ok.sum()),
+                  int((~distinct).sum()), m[ok], int((distinct & ~ok).sum()))
 
 
 def mle(x_NxD, k: int = 20, *, aggregation: str = "mean", metric: str = "euclidean",
@@ -70,22 +72,31 @@ def mle(x_NxD, k: int = 20, *, aggregation: str = "mean", metric: str = "euclide
   return mle_from_distances(nbrs.distances, aggregation)
 
 
+def _twonn_slope(mu: np.ndarray, discard_fraction: float) -> float:
+  """The slope through the origin of -log(1 - F_emp) against log mu (largest mu dropped)."""
+  mu = np.sort(mu)
+  n = len(mu)
+  keep = int(n * (1 - discard_fraction))
+  x = np.log(mu[:keep])
+  y = -np.log(1.0 - np.arange(1, keep + 1) / n)
+  return float(np.dot(x, y) / np.dot(x, x))
+
+
 def twonn_from_distances(dist_Nx2, discard_fraction: float = 0.1) -> Estimate:
   """TwoNN from the first two neighbour distances [N, >= 2] of each point."""
-  if not 0.0 <= discard_fraction < 1.0:
-    raise ValueError(f"discard_fraction={discard_fraction} must be in [0, 1)")
+  if not 0.0 < discard_fraction < 1.0:
+    # With nothing discarded the largest mu has F_emp = 1 and -log(1 - 1) = inf.
+    raise ValueError(f"discard_fraction={discard_fraction} must be in (0, 1) for the linear "
+                     f"fit (the largest ratio would sit at -log(0))")
   d = np.asarray(jax.device_get(dist_Nx2), np.float64)
   r1, r2 = d[:, 0], d[:, 1]
   ok = r1 > 0
-  mu = np.sort(r2[ok] / r1[ok])
-  n = len(mu)
-  keep = int(n * (1 - discard_fraction))
+  mu = r2[ok] / r1[ok]
+  keep = int(len(mu) * (1 - discard_fraction))
   if keep < 2:
     raise ValueError(f"TwoNN needs at least 2 points after dropping {int((~ok).sum())} "
                      f"duplicates and the top {discard_fraction:.0%}; got {keep}")
-  x = np.log(mu[:keep])
-  y = -np.log(1.0 - np.arange(1, keep + 1) / n)
-  return Estimate(float(np.dot(x, y) / np.dot(x, x)), keep, int((~ok).sum()))
+  return Estimate(_twonn_slope(mu, discard_fraction), keep, int((~ok).sum()), mu)
 
 
 def twonn(x_NxD, *, discard_fraction: float = 0.1, metric: str = "euclidean",
@@ -116,9 +127,9 @@ def estimate_in_batches(x_NxD, *, k: int = 20, batch: int = 4096, estimator: str
   neighbours, averaged.
 
   Uncertainty: the standard error over batches, and a percentile bootstrap interval of the
-  averaged estimate. For the MLE the bootstrap resamples the per-point estimates within each
-  batch (so one batch still gets an interval; the neighbour graph is held fixed, so it
-  measures the spread of the aggregate, not of the kNN); for TwoNN it resamples batches.
+  averaged estimate that resamples points within each batch (the per-point MLE estimates, or
+  TwoNN's ratios mu, refitted), so one batch still gets an interval. The neighbour graph is
+  held fixed: the interval is the spread of the aggregate, not an error bar on d.
   """
   if estimator not in ("mle", "twonn"):
     raise ValueError(f"estimator={estimator!r}; choose 'mle' or 'twonn'")
@@ -135,16 +146,16 @@ def estimate_in_batches(x_NxD, *, k: int = 20, batch: int = 4096, estimator: str
       ests.append(twonn(x[rows], metric=metric))
   d = np.asarray([e.dimension for e in ests])
   se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
-  if estimator == "mle":
-    boot = np.zeros(bootstrap)
-    for e in ests:
-      m = e.per_point
-      boot += _aggregate(m[rng.integers(0, len(m), (bootstrap, len(m)))], aggregation)
-    boot /= len(ests)
-    what = "per-point estimates within each batch"
-  else:
-    boot = d[rng.integers(0, len(d), (bootstrap, len(d)))].mean(axis=1)
-    what = "batches"
+  boot = np.zeros(bootstrap)
+  for e in ests:
+    m = e.per_point
+    draws = m[rng.integers(0, len(m), (bootstrap, len(m)))]
+    if estimator == "mle":
+      boot += _aggregate(draws, aggregation)
+    else:
+      boot += np.asarray([_twonn_slope(row, 0.1) for row in draws])
+  boot /= len(ests)
+  what = ("per-point estimates" if estimator == "mle" else "ratios mu") + " within each batch"
   lo, hi = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
   return BatchedEstimate(float(d.mean()), se, tuple(map(float, d)),
                          sum(e.duplicates for e in ests), (float(lo), float(hi)), what)
@@ -206,12 +217,15 @@ def _plot(rows: list[dict], key: str, xlabel: str, k: int, path: str) -> None:
 
 def _main(argv) -> None:
   del argv
-  from absl import flags, logging  # pylint: disable=g-import-not-at-top
+  from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
   from qdc_jax import embed as embed_lib, model_io, storage  # pylint: disable=g-import-not-at-top
   from qdc_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from qdc_jax.data import lab_tasks  # pylint: disable=g-import-not-at-top
   from qdc_jax.models import transformer  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
+  sharding_lib.initialize_distributed(
+      enabled=f.distributed, coordinator_address=f.coordinator_address,
+      num_processes=f.num_processes, process_id=f.process_id)
   model_dir = f.model_dir or model_io.asset_path("lab_student")
   mesh = sharding_lib.make_mesh((-1, 1, 1))
   cfg, params, tok, _, shardings = model_io.load_model(model_dir, mesh=mesh)
@@ -230,16 +244,20 @@ def _main(argv) -> None:
     layers = [int(x) for x in f.layers.split(",")]
   model = transformer.Transformer(cfg)
   edges = [int(e) for e in f.position_buckets.split(",") if e]
+  if edges and (len(edges) < 2 or edges[0] < 0 or edges != sorted(set(edges))):
+    raise app.UsageError(f"--position_buckets={f.position_buckets}: give at least two "
+                         f"increasing, non-negative edges, e.g. 0,16,32,64")
   buckets = list(zip(edges[:-1], edges[1:])) or [None]
   runs = [(layer, b) for layer in layers for b in buckets]
   results = []
   for layer, bucket in runs:
-    x = embed_lib.sampled_token_embeddings(
-        params, docs, model=model, layer=layer, context=f.context, per_doc=f.per_doc,
-        seed=f.seed, positions=bucket, mesh=mesh, param_shardings=shardings)
+    x = np.zeros((0, cfg.d_model))
     try:
+      x = embed_lib.sampled_token_embeddings(
+          params, docs, model=model, layer=layer, context=f.context, per_doc=f.per_doc,
+          seed=f.seed, positions=bucket, mesh=mesh, param_shardings=shardings)
       est = estimate_in_batches(x, k=f.k, batch=f.batch, seed=f.seed, metric=f.metric)
-    except ValueError as e:  # e.g. a layer whose vectors all repeat: say so, go on
+    except ValueError as e:  # a layer whose vectors all repeat, an empty bucket: say so, go on
       results.append({"layer": cfg.num_layers if layer is None else layer, "positions":
                       bucket, "points": len(x), "error": str(e)})
       logging.warning("layer %s: %s", layer, e)
@@ -262,7 +280,7 @@ def _main(argv) -> None:
   results_ok = [r for r in results if "error" not in r]
   if len(layers) > 1:  # at the first position bucket; positions at the last layer
     _plot([r for r in results_ok if r["positions"] == buckets[0]], "layer",
-          "layer (output of block l; 0 = input embeddings)", f.k,
+          "layer (block l's output; 0 = embeddings, L = after the final norm)", f.k,
           storage.join(f.out, "id_vs_layer.png"))
   if len(buckets) > 1:
     _plot([r for r in results_ok if r["layer"] == results[-1]["layer"]], "positions",
@@ -278,7 +296,8 @@ if __name__ == "__main__":
   _flags.DEFINE_string("texts", None, ".txt (a document per line) or .jsonl; default: lab "
                        "problem + solution texts")
   _flags.DEFINE_integer("num_docs", 2000, "documents read (the first N)")
-  _flags.DEFINE_string("layers", "final", "'final', 'all', or a comma list of layer indices")
+  _flags.DEFINE_string("layers", "final", "'final', 'all' (1..L; L = after the final norm), "
+                       "or a comma list of layer indices (0 = the embedding table)")
   _flags.DEFINE_integer("context", 1024, "tokens per document window")
   _flags.DEFINE_string("position_buckets", "", "window-position edges, e.g. 0,16,32,64,128: "
                        "one estimate per [edge_i, edge_i+1) (the context-position ablation)")
@@ -288,4 +307,9 @@ if __name__ == "__main__":
   _flags.DEFINE_enum("metric", "euclidean", list(embed.METRICS), "distance")
   _flags.DEFINE_integer("seed", 0, "windows, token picks, shuffling and bootstrap")
   _flags.DEFINE_string("out", "/tmp/qdc_id", "output directory (local or gs://)")
+  # Several hosts: the same command on every host (each embeds all documents; one writes).
+  _flags.DEFINE_bool("distributed", False, "jax.distributed.initialize() (TPU VM slices)")
+  _flags.DEFINE_string("coordinator_address", "", "HOST:PORT of process 0's coordinator")
+  _flags.DEFINE_integer("num_processes", 0, "processes (with --coordinator_address)")
+  _flags.DEFINE_integer("process_id", -1, "this process's index (with --coordinator_address)")
   _app.run(_main)

@@ -87,6 +87,8 @@ def fit_power_law(sizes: Sequence[float], losses: Sequence[float]) -> PowerLawFi
   if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
     raise ValueError("sizes and losses must be positive and finite")
   xc = x - x.mean()
+  if not np.any(xc):
+    raise ValueError("All sizes are equal: a slope needs at least two different sizes")
   slope = float(np.dot(xc, y - y.mean()) / np.dot(xc, xc))
   intercept = float(y.mean() - slope * x.mean())
   resid = y - (intercept + slope * x)
