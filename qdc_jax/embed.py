@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qdc_jax import sharding as sharding_lib
+
 METRICS = ("euclidean", "cosine")
 
 
@@ -141,7 +143,6 @@ def sampled_token_embeddings(params, docs: Sequence[Sequence[int]], *, model,
   batched (`batch_size` rows per jitted call, padded to one shape); on a mesh every process
   passes the same `docs` and gets the same array back.
   """
-  from qdc_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   docs = [list(d) for d in docs]
   if not docs or any(len(d) == 0 for d in docs):
     raise ValueError("sampled_token_embeddings needs non-empty token lists")
@@ -185,9 +186,8 @@ _EMBED_FNS: dict = {}
 
 
 def _embed_fn(model, layer, mesh, rules, param_shardings):
-  leaves, treedef = jax.tree.flatten(param_shardings)
-  key = (model, layer, mesh, None if rules is None else tuple(map(tuple, rules)), treedef,
-         tuple(leaves))
+  key = (model, layer, mesh, None if rules is None else tuple(map(tuple, rules)),
+         sharding_lib.shardings_key(param_shardings))
   if key not in _EMBED_FNS:
     def fn(params, toks_BxT, at_BxM):
       hid = hidden_states(params, toks_BxT, model=model, layer=layer)
@@ -196,14 +196,9 @@ def _embed_fn(model, layer, mesh, rules, param_shardings):
     if mesh is None:
       _EMBED_FNS[key] = jax.jit(fn)
     else:
-      from qdc_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
       rules = rules or sharding_lib.DEFAULT_RULES
       batch2 = sharding_lib.batch_sharding(mesh, rules, 2)
-      jitted = jax.jit(fn, in_shardings=(param_shardings, batch2, batch2),
-                       out_shardings=sharding_lib.batch_sharding(mesh, rules, 3))
-
-      def run(params, toks, at):
-        with sharding_lib.activation_rules(mesh, rules):
-          return jitted(params, toks, at)
-      _EMBED_FNS[key] = run
+      _EMBED_FNS[key] = sharding_lib.jit_sharded(
+          fn, mesh, rules, in_shardings=(param_shardings, batch2, batch2),
+          out_shardings=sharding_lib.batch_sharding(mesh, rules, 3))
   return _EMBED_FNS[key]

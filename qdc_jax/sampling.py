@@ -245,8 +245,8 @@ def sample_stream(params, prompts_BxP: jax.Array, prompt_lengths_B: jax.Array, r
   r = max(1, min(refill or s // 8 + 1, s))
   _check_positions(cfg, p, n)
   # The bank: each prompt's cache once (prefix), and each slot's own generated-token slots.
-  bank_logits, bank, bank_start = prefill(params, prompts_BxP, prompt_lengths_B, model=model,
-                                          num_samples=1, max_new_tokens=n)
+  bank_logits, bank, _ = prefill(params, prompts_BxP, prompt_lengths_B, model=model,
+                                 num_samples=1, max_new_tokens=n)
   keys = row_keys(rng, b, k)
   job = jnp.arange(s, dtype=jnp.int32)
   axes = transformer.cache_logical_axes(cfg, True)
@@ -269,7 +269,8 @@ def sample_stream(params, prompts_BxP: jax.Array, prompt_lengths_B: jax.Array, r
     hist = c["hist"].at[slot, jnp.minimum(i, n - 1)].set(tok)
     dest = jnp.where(live, job, jobs)  # rows not live write nowhere (dropped)
     finished = live & (jnp.isin(tok, stops) | ends(hist, i) | (i + 1 >= n))
-    logits, cache = model.apply({"params": params}, tok[:, None], (c["start"] + i)[:, None],
+    start = c["cache"]["prefix_lengths"]  # each slot's first decode position
+    logits, cache = model.apply({"params": params}, tok[:, None], (start + i)[:, None],
                                 cache=c["cache"])
     out = {"tokens": c["tokens"].at[dest, i].set(tok, mode="drop"),
            "logps": c["logps"].at[dest, i].set(logp, mode="drop"),
@@ -288,7 +289,6 @@ def sample_stream(params, prompts_BxP: jax.Array, prompt_lengths_B: jax.Array, r
     cache = nn.with_logical_constraint(cache, axes)
     return {**out, "cache": cache,
             "logits": logits[:, 0].at[where].set(bank_logits[src], mode="drop"),
-            "start": c["start"].at[where].set(bank_start[src], mode="drop"),
             "job": job.at[where].set(new_job, mode="drop"),
             "i": (i + 1).at[where].set(0, mode="drop"),
             "live": live.at[where].set(True, mode="drop"),
@@ -297,7 +297,7 @@ def sample_stream(params, prompts_BxP: jax.Array, prompt_lengths_B: jax.Array, r
 
   init = {"tokens": jnp.full((jobs, n), sp.pad_id, jnp.int32),
           "logps": jnp.zeros((jobs, n), jnp.float32), "lengths": jnp.zeros((jobs,), jnp.int32),
-          "cache": cache, "logits": bank_logits[job // k], "start": bank_start[job // k],
+          "cache": cache, "logits": bank_logits[job // k],
           "job": job, "i": jnp.zeros((s,), jnp.int32), "live": jnp.ones((s,), jnp.bool_),
           "hist": jnp.full((s, n), sp.pad_id, jnp.int32), "next": jnp.asarray(s, jnp.int32)}
   out = jax.lax.while_loop(cond, body, init)
@@ -337,9 +337,9 @@ def jit_sample(model: transformer.Transformer, sp: SamplingParams, mesh=None, ru
   """
   if slots and hook is not None:
     raise ValueError("A TokenHook runs in the plain sampler only; use slots=0 with a hook.")
-  leaves, treedef = jax.tree.flatten(param_shardings)
   key = (model, sp, hook, slots, refill, mesh,
-         None if rules is None else tuple(map(tuple, rules)), treedef, tuple(leaves))
+         None if rules is None else tuple(map(tuple, rules)),
+         sharding_lib.shardings_key(param_shardings))
   run = _JITTED.get(key)
   if run is None:
     if slots:
@@ -356,14 +356,10 @@ def _build_sampler(fn, mesh, rules, param_shardings):
   rules = rules or sharding_lib.DEFAULT_RULES
   batch2 = sharding_lib.batch_sharding(mesh, rules, 2)
   batch1 = sharding_lib.batch_sharding(mesh, rules, 1)
-  rep = sharding_lib.replicated(mesh)
-  jitted = jax.jit(fn, in_shardings=(param_shardings, batch2, batch1, rep),
-                   out_shardings=SampleOutput(batch2, batch1, batch2))
-
-  def run(params, prompts, lengths, rng):
-    with sharding_lib.activation_rules(mesh, rules):
-      return jitted(params, prompts, lengths, rng)
-  return run
+  return sharding_lib.jit_sharded(
+      fn, mesh, rules, in_shardings=(param_shardings, batch2, batch1,
+                                     sharding_lib.replicated(mesh)),
+      out_shardings=SampleOutput(batch2, batch1, batch2))
 
 
 def bucket_length(n: int, multiple: int) -> int:

@@ -103,6 +103,26 @@ def activation_rules(mesh: Mesh, rules):
     yield
 
 
+def jit_sharded(fn: Callable, mesh: Mesh, rules, *, in_shardings, out_shardings,
+                donate_argnums=()) -> Callable:
+  """`jax.jit(fn)` with explicit in/out shardings, called under `activation_rules(mesh,
+  rules)` so the model's logical constraints resolve against the mesh: the one wrapper
+  every jitted step (train, eval, sampler, embeddings) goes through."""
+  jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
+                   donate_argnums=donate_argnums)
+
+  def run(*args):
+    with activation_rules(mesh, rules):
+      return jitted(*args)
+  return run
+
+
+def shardings_key(tree) -> tuple:
+  """A hashable key for a pytree of shardings, compared by value (compiled-function caches)."""
+  leaves, treedef = jax.tree.flatten(tree)
+  return treedef, tuple(leaves)
+
+
 def logical_to_shardings(logical_specs, mesh: Mesh, rules):
   """Tree of logical PartitionSpecs -> tree of NamedShardings."""
   return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)

@@ -112,23 +112,13 @@ def eval_step(params, batch, *, model: nn.Module):
 
 def jit_train_step(step_fn: Callable, state_shardings, mesh, rules):
   """Jit a bound step with explicit in/out shardings; the old state is donated."""
-  batch_sh = sharding_lib.batch_sharding(mesh, rules)
   rep = sharding_lib.replicated(mesh)
-  jitted = jax.jit(step_fn, in_shardings=(state_shardings, batch_sh, rep),
-                   out_shardings=(state_shardings, rep), donate_argnums=(0,))
-
-  def run(state, batch, rng):
-    with sharding_lib.activation_rules(mesh, rules):
-      return jitted(state, batch, rng)
-  return run
+  return sharding_lib.jit_sharded(
+      step_fn, mesh, rules, in_shardings=(state_shardings, sharding_lib.batch_sharding(
+          mesh, rules), rep), out_shardings=(state_shardings, rep), donate_argnums=(0,))
 
 
 def jit_eval_step(step_fn: Callable, param_shardings, mesh, rules):
-  batch_sh = sharding_lib.batch_sharding(mesh, rules)
-  jitted = jax.jit(step_fn, in_shardings=(param_shardings, batch_sh),
-                   out_shardings=sharding_lib.replicated(mesh))
-
-  def run(params, batch):
-    with sharding_lib.activation_rules(mesh, rules):
-      return jitted(params, batch)
-  return run
+  return sharding_lib.jit_sharded(
+      step_fn, mesh, rules, in_shardings=(param_shardings, sharding_lib.batch_sharding(
+          mesh, rules)), out_shardings=sharding_lib.replicated(mesh))

@@ -25,8 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from qdc_jax import embed
+from qdc_jax import sharding as sharding_lib
 
 AGGREGATIONS = ("mean", "harmonic")
+TWONN_DISCARD = 0.1  # scikit-dimension's default: the largest 10% of the ratios left out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +59,7 @@ def mle_from_distances(dist_NxK, aggregation: str = "mean") -> Estimate:
   dist = jnp.asarray(dist_NxK)
   if dist.ndim != 2 or dist.shape[1] < 2:
     raise ValueError(f"MLE needs [N, K >= 2] neighbour distances, got shape {dist.shape}")
-  m, ok, distinct = (np.asarray(a) for a in jax.device_get(_mle_per_point(dist)))
+  m, ok, distinct = sharding_lib.to_host(_mle_per_point(dist))
   if not ok.any():
     raise ValueError("Every point has a zero distance among its neighbours (all duplicates) "
                      "or K equidistant neighbours; deduplicate the points or raise K")
@@ -82,13 +84,13 @@ def _twonn_slope(mu: np.ndarray, discard_fraction: float) -> float:
   return float(np.dot(x, y) / np.dot(x, x))
 
 
-def twonn_from_distances(dist_Nx2, discard_fraction: float = 0.1) -> Estimate:
+def twonn_from_distances(dist_Nx2, discard_fraction: float = TWONN_DISCARD) -> Estimate:
   """TwoNN from the first two neighbour distances [N, >= 2] of each point."""
   if not 0.0 < discard_fraction < 1.0:
     # With nothing discarded the largest mu has F_emp = 1 and -log(1 - 1) = inf.
     raise ValueError(f"discard_fraction={discard_fraction} must be in (0, 1) for the linear "
                      f"fit (the largest ratio would sit at -log(0))")
-  d = np.asarray(jax.device_get(dist_Nx2), np.float64)
+  d = np.asarray(sharding_lib.to_host(dist_Nx2), np.float64)
   r1, r2 = d[:, 0], d[:, 1]
   ok = r1 > 0
   mu = r2[ok] / r1[ok]
@@ -99,7 +101,7 @@ def twonn_from_distances(dist_Nx2, discard_fraction: float = 0.1) -> Estimate:
   return Estimate(_twonn_slope(mu, discard_fraction), keep, int((~ok).sum()), mu)
 
 
-def twonn(x_NxD, *, discard_fraction: float = 0.1, metric: str = "euclidean",
+def twonn(x_NxD, *, discard_fraction: float = TWONN_DISCARD, metric: str = "euclidean",
           block: int = 1024) -> Estimate:
   nbrs = embed.knn(x_NxD, 2, metric=metric, block=block)
   return twonn_from_distances(nbrs.distances, discard_fraction)
@@ -153,7 +155,7 @@ def estimate_in_batches(x_NxD, *, k: int = 20, batch: int = 4096, estimator: str
     if estimator == "mle":
       boot += _aggregate(draws, aggregation)
     else:
-      boot += np.asarray([_twonn_slope(row, 0.1) for row in draws])
+      boot += np.asarray([_twonn_slope(row, TWONN_DISCARD) for row in draws])
   boot /= len(ests)
   what = ("per-point estimates" if estimator == "mle" else "ratios mu") + " within each batch"
   lo, hi = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
@@ -176,20 +178,19 @@ def estimate_in_batches(x_NxD, *, k: int = 20, batch: int = 4096, estimator: str
 def _read_texts(path: str) -> list[str]:
   """Documents of a .txt file (one per non-empty line) or a .jsonl file (a "text" field, or
   "prompt" + "completion" joined)."""
-  import json  # pylint: disable=g-import-not-at-top
   from qdc_jax import storage  # pylint: disable=g-import-not-at-top
-  lines = [l for l in storage.read_text(path).splitlines() if l.strip()]
+  if not storage.exists(path):
+    raise FileNotFoundError(f"No such text file: {path} (--texts)")
   if not path.endswith(".jsonl"):
-    return lines
+    return [l for l in storage.read_text(path).splitlines() if l.strip()]
   docs = []
-  for i, line in enumerate(lines, 1):
-    row = json.loads(line)
+  for i, row in enumerate(storage.read_rows(path), 1):
     if "text" in row:
       docs.append(str(row["text"]))
     elif "prompt" in row and "completion" in row:
       docs.append(str(row["prompt"]) + str(row["completion"]))
     else:
-      raise ValueError(f"{path}:{i}: needs a 'text' field or 'prompt' and 'completion' "
+      raise ValueError(f"{path}: row {i} needs a 'text' field or 'prompt' and 'completion' "
                        f"(fields: {sorted(row)})")
   return docs
 
@@ -219,7 +220,6 @@ def _main(argv) -> None:
   del argv
   from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
   from qdc_jax import embed as embed_lib, model_io, storage  # pylint: disable=g-import-not-at-top
-  from qdc_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
   from qdc_jax.data import lab_tasks  # pylint: disable=g-import-not-at-top
   from qdc_jax.models import transformer  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS

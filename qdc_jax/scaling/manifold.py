@@ -77,12 +77,13 @@ def id_against_truth(dims: Sequence[int] = (2, 4, 8, 16, 32), *, n: int = 8192,
 
 
 if __name__ == "__main__":
-  import json  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
+  from qdc_jax import storage  # pylint: disable=g-import-not-at-top
   table = id_against_truth()
   print("| true d | MLE (mean) | MLE (harmonic) | TwoNN |")
   print("|---|---|---|---|")
   for r in table:
     print(f"| {r['true_dim']} | {r['mle_mean']:.2f} | {r['mle_harmonic']:.2f} | "
           f"{r['twonn']:.2f} |")
-  json.dump(table, sys.stdout if len(sys.argv) < 2 else open(sys.argv[1], "w"), indent=1)
+  if len(sys.argv) > 1:  # a JSON path (local or gs://)
+    storage.write_json(sys.argv[1], table)
