@@ -48,6 +48,7 @@ register("experiment", "sft", "qdc_jax.experiments.sft:run")
 register("experiment", "ei", "qdc_jax.experiments.ei:run")
 register("experiment", "ppo", "qdc_jax.experiments.ppo:run")
 register("experiment", "rcrl", "qdc_jax.experiments.rcrl:run")
+register("experiment", "scaling", "qdc_jax.experiments.scaling:run")
 
 # RL rewards: fn(items, completions, *, tokenizer) -> qdc_jax.rl.rewards.Rewards.
 register("reward", "sparse", "qdc_jax.rl.rewards:sparse")
@@ -58,4 +59,5 @@ register("reward", "model", "qdc_jax.rl.rewards:RewardModelReward")
 register("mutator", "arith_programmatic", "qdc_jax.sparq.agents:ProgrammaticGenerator")
 
 register("tokenizer", "char", "qdc_jax.tokenizers:CharTokenizer")
+register("tokenizer", "byte", "qdc_jax.tokenizers:ByteTokenizer")
 register("tokenizer", "sentencepiece", "qdc_jax.tokenizers:SentencePieceTokenizer")

@@ -88,6 +88,47 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
+class ByteTokenizer:
+  """UTF-8 bytes: ids 0=pad, 1=bos, 2=eos, then byte b -> 3 + b (no unk: every text encodes).
+
+  The scaling chapter's tokenizer for real text (source code, prose): nothing to train or
+  download, one vocabulary for every corpus, so losses are comparable (nats per byte).
+  Decoding replaces byte sequences that are not valid UTF-8 (a sample cut mid-character).
+  """
+
+  pad_vocab_to: int = 8
+  num_special = 3
+
+  @property
+  def vocab_size(self) -> int:
+    return _round_up(self.num_special + 256, self.pad_vocab_to)
+
+  pad_id = property(lambda self: CHAR_PAD_ID)
+  bos_id = property(lambda self: CHAR_BOS_ID)
+  eos_id = property(lambda self: CHAR_EOS_ID)
+
+  def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+    ids = [b + self.num_special for b in text.encode("utf-8")]
+    return ([CHAR_BOS_ID] if add_bos else []) + ids + ([CHAR_EOS_ID] if add_eos else [])
+
+  def decode(self, ids: Iterable[int]) -> str:
+    content = _content_ids(ids, pad_id=CHAR_PAD_ID, bos_id=CHAR_BOS_ID, eos_id=CHAR_EOS_ID)
+    bad = [i for i in content if not 0 <= i < self.vocab_size]
+    if bad:
+      raise ValueError(f"Token id {bad[0]} outside vocabulary [0, {self.vocab_size}).")
+    data = bytes(i - self.num_special for i in content
+                 if self.num_special <= i < self.num_special + 256)
+    return data.decode("utf-8", errors="replace")
+
+  def encode_batch(self, texts: Sequence[str], *, add_bos: bool = False,
+                   add_eos: bool = False) -> list[list[int]]:
+    return [self.encode(t, add_bos=add_bos, add_eos=add_eos) for t in texts]
+
+  def decode_batch(self, ids_batch: Iterable[Iterable[int]]) -> list[str]:
+    return [self.decode(ids) for ids in ids_batch]
+
+
+@dataclasses.dataclass(frozen=True)
 class CharTokenizer:
   """One id per character of a fixed alphabet, after four special ids.
 
@@ -301,7 +342,8 @@ def make_tokenizer(kind: str, **kwargs: Any) -> Tokenizer:
   """Builds a tokenizer by name.
 
   Args:
-    kind: 'char' (kwargs: alphabet, pad_vocab_to) or 'sentencepiece' (kwargs: model_path).
+    kind: 'char' (kwargs: alphabet, pad_vocab_to), 'byte' (kwargs: pad_vocab_to) or
+      'sentencepiece' (kwargs: model_path).
     **kwargs: Passed to the tokenizer's constructor.
 
   Returns:

@@ -64,7 +64,7 @@ def test_char_rejects_bad_alphabet():
 def test_make_tokenizer():
   tok = tokenizers.make_tokenizer("char", alphabet="xy")
   assert tok.decode(tok.encode("yx")) == "yx"
-  with pytest.raises(ValueError, match="Unknown tokenizer .bpe.; valid choices: char, sentencepiece"):
+  with pytest.raises(ValueError, match="Unknown tokenizer .bpe.; valid choices: byte, char, sentencepiece"):
     tokenizers.make_tokenizer("bpe")
 
 

@@ -323,6 +323,60 @@ def eval_batches(
   ]
 
 
+# --------------------------------------------------------------------------- array rows
+
+
+def array_dataset(columns: Mapping[str, np.ndarray], *, batch_size: int, seed: int = 0,
+                  shuffle: bool = True) -> grain.DatasetIterator:
+  """Rows of equal-length arrays (pre-tokenised windows, regression points) as a
+  checkpointable iterator of global batches: shuffled afresh each epoch, repeated forever.
+
+  Its state is one index (as `lm_dataset`'s), so `iterator_state_to_json` carries it.
+  """
+  cols = {k: np.asarray(v) for k, v in columns.items()}
+  n = {len(v) for v in cols.values()}
+  if len(n) != 1 or not n.pop():
+    raise ValueError(f"array_dataset needs columns of one non-zero length, got "
+                     f"{ {k: len(v) for k, v in cols.items()} }")
+  rows = len(next(iter(cols.values())))
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  ds = grain.MapDataset.range(rows)
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  ds = ds.repeat(None).map(lambda i: {k: v[i] for k, v in cols.items()})
+  ds = ds.batch(batch_size, drop_remainder=True)
+  return iter(ds.to_iter_dataset(_DEFAULT_READ_OPTIONS))
+
+
+def array_eval_batches(columns: Mapping[str, np.ndarray], *, batch_size: int
+                       ) -> list[dict[str, np.ndarray]]:
+  """Every row once, in order, in batches of one shape; the last is filled with all-zero rows
+  (so a loss weighted by a mask or weight column adds nothing for them)."""
+  cols = {k: np.asarray(v) for k, v in columns.items()}
+  rows = len(next(iter(cols.values())))
+  pad = -rows % batch_size
+  cols = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in
+          cols.items()}
+  return [{k: v[s:s + batch_size] for k, v in cols.items()}
+          for s in range(0, rows + pad, batch_size)]
+
+
+def lm_windows(tokens: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
+  """A token stream cut into non-overlapping rows of seq_len + 1 tokens, in the batch contract
+  (every target carries loss; positions restart per row). A short tail is dropped."""
+  tokens = np.asarray(tokens, np.int32)
+  n = (len(tokens) - 1) // seq_len
+  if n < 1:
+    raise ValueError(f"{len(tokens)} tokens make no row of seq_len={seq_len} + 1")
+  idx = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None]
+  w = tokens[idx]
+  return {"inputs": w[:, :-1], "targets": w[:, 1:], "loss_mask": np.ones((n, seq_len),
+                                                                          np.int32),
+          "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (n, seq_len)).copy(),
+          "segment_ids": np.ones((n, seq_len), np.int32)}
+
+
 # --------------------------------------------------------------------------- iterator state
 
 _BYTES_TAG = "__qdc_bytes_b64__"

@@ -298,7 +298,7 @@ def run(config, workdir: str) -> dict:
         result = fit.fit(tc, model=base.model, train_records=dataset,
                          tokenizer=base.tokenizer, workdir=rdir, mesh=mesh, rules=rules,
                          init_params=base.params, name="train")
-        if result.step < tc.steps:  # train.stop_at_step: a deliberate stop
+        if not result.finished(tc):  # train.stop_at_step: a deliberate stop
           logging.info("Round %d fit stopped at step %d of %d; re-run to resume.", i,
                        result.step, tc.steps)
           return {"stopped_in_round": i, "step": result.step}

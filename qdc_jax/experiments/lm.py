@@ -130,7 +130,7 @@ def run(config, workdir: str) -> dict:
                    eval_records=eval_records, tokenizer=tokenizer, workdir=workdir, mesh=mesh,
                    rules=rules, init_params=init_params)
   report = {"steps": result.step, "train_seconds": time.time() - t0, **result.eval_metrics}
-  if result.step < config.train.steps:  # stopped early (train.stop_at_step): resume later
+  if not result.finished(config.train):  # stopped early (train.stop_at_step): resume later
     logging.info("Stopped at step %d of %d; not exporting.", result.step, config.train.steps)
     return report
   tok_meta = ({"kind": "char", "alphabet": arith.ALPHABET} if config.tokenizer.kind == "char"

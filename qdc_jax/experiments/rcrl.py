@@ -254,7 +254,7 @@ def run(config, workdir: str) -> dict:
       init = rcrl.init_label_embeddings(init, base.meta.get("tokenizer") or {}, tok_meta)
     result = fit.fit(tc, model=base.model, train_records=records, tokenizer=tokenizer,
                      workdir=workdir, mesh=mesh, rules=rules, init_params=init, name="rcrl")
-    if result.step < tc.steps:  # stopped early (train.stop_at_step): resume later
+    if not result.finished(tc):  # stopped early (train.stop_at_step): resume later
       logging.info("Stopped at step %d of %d; not exporting.", result.step, tc.steps)
       return {"stopped_at_step": result.step}
     trained = dataclasses.replace(base, meta={**base.meta, "tokenizer": tok_meta})

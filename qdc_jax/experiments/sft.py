@@ -54,7 +54,7 @@ def run(config, workdir: str) -> dict:
   result = fit.fit(tc, model=policy.model, train_records=records,
                    tokenizer=policy.tokenizer, workdir=workdir, mesh=mesh, rules=rules,
                    init_params=policy.params, name="sft")
-  if result.step < tc.steps:  # train.stop_at_step: a deliberate stop, resume later
+  if not result.finished(tc):  # train.stop_at_step: a deliberate stop, resume later
     logging.info("Stopped at step %d of %d; not exporting.", result.step, tc.steps)
     return {"step": result.step}
   common.export(storage.join(workdir, "model"), policy, result.params,

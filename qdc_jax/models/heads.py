@@ -69,3 +69,24 @@ class RewardModel(nn.Module):
     hidden, _ = transformer.Transformer(self.config, name="trunk")(
         tokens_BxT, positions_BxT, segment_ids_BxT, return_hidden=True)
     return ScalarHead(name="head")(hidden)
+
+
+class Regressor(nn.Module):
+  """Continuous inputs -> one scalar per row, on the shared transformer (the scaling chapter's
+  manifold check): each of the T chunks of a [B, T, C] input is embedded by one linear map, the
+  blocks and final norm run on them (causal, positions 0..T-1), and a linear head reads the
+  last position, which attends to every chunk. Returns [B] (f32)."""
+
+  config: transformer.ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxC):
+    cfg = self.config
+    c = x_BxTxC.shape[-1]
+    w = self.param("in_proj", nn.with_logical_partitioning(
+        nn.initializers.normal(c ** -0.5), (None, "embed")), (c, cfg.d_model), jnp.float32)
+    h = jnp.einsum("btc,cd->btd", x_BxTxC.astype(jnp.float32), w)
+    tokens = jnp.zeros(x_BxTxC.shape[:2], jnp.int32)  # unused: the blocks start from h
+    hidden, _ = transformer.Transformer(cfg, name="trunk")(tokens, hidden_BxTxD=h,
+                                                           return_hidden=True)
+    return ScalarHead(name="head")(hidden[:, -1:])[:, 0]

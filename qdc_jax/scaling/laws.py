@@ -56,7 +56,7 @@ def table_2_1() -> list[dict]:
       printed = PRINTED[model][name]
       decimals = len(printed.split(".")[1])
       rows.append({"model": model, "cell": name, "from": pub, "computed": value,
-                   "printed": float(printed),
+                   "printed": float(printed), "printed_text": printed,
                    "printed_follows": f"{value:.{decimals}f}" == printed})
   return rows
 

@@ -13,14 +13,23 @@ construction, so the estimators and (later) the rates can be checked against the
 
 `python -m qdc_jax.scaling.manifold` prints the estimated ID (Levina-Bickel MLE and TwoNN,
 batches of 4096) against the true d.
+
+The regression half (`columns`, `OBJECTIVE`): a point's `ambient` coordinates enter the shared
+transformer as `chunks` tokens of ambient / chunks values each (`models.heads.Regressor`), and
+the loss is the squared error against the target standardised by the training set's mean and
+standard deviation (so a loss of 1 is the constant predictor's, whatever d).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
+import jax.numpy as jnp
 import numpy as np
+
+from qdc_jax import train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +64,31 @@ def make(n: int, dim: int, ambient: int, *, problem_seed: int = 0, sample_seed: 
   if noise:
     y = y + rng.normal(0.0, noise, n)
   return ManifoldData((phi @ a).astype(np.float32), y.astype(np.float32), z, a)
+
+
+def columns(data: ManifoldData, chunks: int, mean: float, std: float) -> dict[str, np.ndarray]:
+  """`pipeline.array_dataset` rows: x [n, chunks, ambient / chunks], standardised y, weight 1."""
+  n, ambient = data.x.shape
+  if ambient % chunks:
+    raise ValueError(f"ambient={ambient} is not divisible by chunks={chunks}")
+  return {"x": data.x.reshape(n, chunks, ambient // chunks),
+          "y": ((data.y - mean) / std).astype(np.float32), "weight": np.ones(n, np.float32)}
+
+
+def regression_loss_sums(params, batch, *, model):
+  """Sum of weighted squared errors; `tokens` counts the weighted rows (padding rows: 0)."""
+  pred = model.apply({"params": params}, batch["x"])
+  w = batch["weight"].astype(jnp.float32)
+  return jnp.sum(w * (pred - batch["y"]) ** 2), {"tokens": jnp.sum(w)}
+
+
+def _point_inputs(_, *, chunks: int, width: int) -> tuple:
+  return (jnp.zeros((1, chunks, width), jnp.float32),)
+
+
+def objective(chunks: int, width: int) -> train.Objective:
+  return train.Objective(regression_loss_sums,
+                         functools.partial(_point_inputs, chunks=chunks, width=width))
 
 
 def id_against_truth(dims: Sequence[int] = (2, 4, 8, 16, 32), *, n: int = 8192,
