@@ -108,14 +108,14 @@ def get_config(arg: str = ""):
     c.mesh.shape = (-1, 1, 1)
   elif preset == "smoke":
     c.widths = (32, 48, 64)  # three: a fit with an uncertainty
-    c.corpus_order = ("lab", "shakespeare")
+    c.corpus_order = ("lab",)  # units compile their steps: few units keep it under a minute
     c.corpora.lab.lab_docs = 2000
     c.data.sizes = (2**9, 2**10, 2**11)
     c.data.valid_tokens, c.data.test_tokens = 2**10, 2**10
     c.train = _train(steps=20, lr=2e-3, warmup=5, eval_every=5, patience=2, batch=8,
                      seq_len=32)
-    c.id.update(context=32, per_doc=8, batch=256, position_buckets=2, max_docs=64)
-    c.manifold.update(dims=(2, 4), sizes=(64, 128, 256), ambient=16, chunks=4,
+    c.id.update(context=32, per_doc=8, batch=256, position_buckets=1, max_docs=64, layers="")
+    c.manifold.update(dims=(2,), sizes=(64, 128, 256), ambient=16, chunks=4,
                       valid_points=64, test_points=64, id_points=512)
     c.manifold.train = _train(steps=20, lr=1e-3, warmup=5, eval_every=5, patience=2,
                               batch=16, seq_len=4)

@@ -264,10 +264,7 @@ def test_tfds_corpus_that_is_not_prepared_says_how_to_prepare_it(tmp_path):
 # ------------------------------------------------------------------ the workload
 
 def _smoke_config():
-  c = scaling_config.get_config("smoke")
-  c.corpus_order = ("lab",)
-  c.manifold.dims = (2,)
-  return c
+  return scaling_config.get_config("smoke")
 
 
 def test_scaling_smoke_writes_reports_and_resumes_without_rerunning(tmp_path, monkeypatch):
