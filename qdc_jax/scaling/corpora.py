@@ -90,8 +90,7 @@ def _stdlib_docs() -> tuple[list[tuple[str, str]], dict]:
 
 def _shakespeare_docs(doc_bytes: int) -> tuple[list[tuple[str, str]], dict]:
   from qdc_jax import model_io  # pylint: disable=g-import-not-at-top
-  path = os.path.join(os.path.dirname(model_io.asset_path("lab_student")), "corpora",
-                      "tinyshakespeare.txt.gz")
+  path = os.path.join(model_io.asset_path("corpora"), "tinyshakespeare.txt.gz")
   with open(path, "rb") as fh:
     raw = gzip.decompress(fh.read())
   digest = hashlib.sha256(raw).hexdigest()

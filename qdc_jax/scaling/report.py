@@ -74,6 +74,14 @@ def _slope_lines(ax, sizes, f, predicted, color):
           label=f"predicted {predicted:.3f}")
 
 
+def _save(fig, workdir: str, name: str, made: list) -> None:
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig.tight_layout()
+  storage.save_figure(fig, storage.join(workdir, name))
+  made.append(name)
+  plt.close(fig)
+
+
 def plots(workdir: str, results: dict, fit: dict) -> list[str]:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
@@ -89,10 +97,7 @@ def plots(workdir: str, results: dict, fit: dict) -> list[str]:
     ax.set(title=f"{name} (ID {fit['data'][name]['id']:.1f})", xlabel="training tokens n",
            ylabel="test loss (nats/byte)")
     ax.legend(fontsize=7)
-  fig.tight_layout()
-  storage.save_figure(fig, storage.join(workdir, "loss_vs_data.png"))
-  made.append("loss_vs_data.png")
-  plt.close(fig)
+  _save(fig, workdir, "loss_vs_data.png", made)
 
   fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
   for i, name in enumerate(names):
@@ -115,10 +120,7 @@ def plots(workdir: str, results: dict, fit: dict) -> list[str]:
                 title=f"ID vs width ({w[0]['corpus']})")
   for ax in axes[:2]:
     ax.legend(fontsize=7)
-  fig.tight_layout()
-  storage.save_figure(fig, storage.join(workdir, "id_ablations.png"))
-  made.append("id_ablations.png")
-  plt.close(fig)
+  _save(fig, workdir, "id_ablations.png", made)
 
   if results["widths"]:
     w = results["widths"]
@@ -129,10 +131,7 @@ def plots(workdir: str, results: dict, fit: dict) -> list[str]:
     ax.set(xlabel="non-embedding parameters N", ylabel="test loss (nats/byte)",
            title=f"L(N), {w[0]['corpus']}")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    storage.save_figure(fig, storage.join(workdir, "loss_vs_params.png"))
-    made.append("loss_vs_params.png")
-    plt.close(fig)
+    _save(fig, workdir, "loss_vs_params.png", made)
 
   if results["manifold"]:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -153,10 +152,7 @@ def plots(workdir: str, results: dict, fit: dict) -> list[str]:
         axes[1].plot(t, [r[key] for r in mid], "o-", label=key)
       axes[1].set(xlabel="true d", ylabel="estimated ID", title="ID of the manifold points")
       axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    storage.save_figure(fig, storage.join(workdir, "manifold.png"))
-    made.append("manifold.png")
-    plt.close(fig)
+    _save(fig, workdir, "manifold.png", made)
   return made
 
 
