@@ -34,6 +34,11 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 0, "Processes in the job 
                                       "--coordinator_address).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", -1, "This process's index (with "
                                    "--coordinator_address).")
+_JAX_CACHE = flags.DEFINE_string(
+    "jax_cache_dir", "~/.cache/qdc_jax/jax_compilation_cache",
+    "Persistent XLA compilation cache (local or gs://; '' = off). Runs of many small units "
+    "(the scaling grid, SPARQ rounds, a resumed job) compile the same programs again; a hit "
+    "is the same executable (keyed by program, flags and jax version).")
 _HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout_s", 0, "Seconds after which a dead peer "
                                   "ends the survivors (0 = JAX's default, 100 s).")
 
@@ -82,6 +87,7 @@ def main(argv):
     run = registry.get("experiment", config.experiment)
   except KeyError as e:
     raise app.UsageError(e.args[0]) from None
+  _use_compilation_cache(_JAX_CACHE.value)
   sharding.initialize_distributed(
       enabled=_DISTRIBUTED.value, coordinator_address=_COORDINATOR.value,
       num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
@@ -92,6 +98,18 @@ def main(argv):
   logging.info("Experiment %s -> %s (process %d of %d)", config.experiment, workdir,
                jax.process_index(), jax.process_count())
   run(config, workdir)
+
+
+def _use_compilation_cache(path: str) -> None:
+  """Turn on JAX's persistent compilation cache unless the environment already set one."""
+  if not path or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return
+  if "://" not in path:
+    path = os.path.expanduser(path)
+  jax.config.update("jax_compilation_cache_dir", path)
+  # The lab's programs compile in well under JAX's default 1 s threshold; cache them all.
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def check_shared_workdir(workdir: str) -> None:
