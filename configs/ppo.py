@@ -33,7 +33,7 @@ def get_config(arg: str = ""):
   c.reward = ml_collections.ConfigDict()
   c.reward.name = "sparse"  # registry "reward": 'sparse' | 'dense' | 'model'
   c.reward.step_weight = 0.5  # dense: total reward of matching every reference step
-  c.reward.model_dir = ""  # 'model': a reward-model directory (rewards.save_reward_model)
+  c.reward.model_dir = ""  # 'model': a reward-model directory (<glore workdir>/orm/model)
 
   c.ppo = ml_collections.ConfigDict()
   c.ppo.iterations = 40  # rollout batches (each followed by one PPO update)

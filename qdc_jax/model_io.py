@@ -1,7 +1,9 @@
 """Params-only model directories: the shipped lab models and exports of trained runs.
 
 Layout of a model directory:
-  model.json        {"model": ModelConfig fields, "tokenizer": {...}, "notes": {...}}
+  model.json        {"model": ModelConfig fields, "tokenizer": {...}, "notes": {...},
+                    "kind": "lm" | "reward_model"}: what the parameter tree is (a
+                    `transformer.Transformer`, or a `heads.RewardModel`: {"trunk", "head"})
   params/<step>/    an orbax checkpoint of the parameter tree (qdc_jax.checkpoint, so shape
                     checks, checksums and restore-into-shardings come with it)
   tokenizer.model   SentencePiece models: a copy of the tokenizer, which model.json names
@@ -34,8 +36,22 @@ def asset_path(name: str) -> str:
   return os.path.join(ASSETS_DIR, name)
 
 
+KINDS = ("lm", "reward_model")
+
+
+def module_for(kind: str, cfg: transformer.ModelConfig):
+  """The Flax module whose parameters a model directory of `kind` holds."""
+  if kind == "lm":
+    return transformer.Transformer(cfg)
+  if kind == "reward_model":
+    from qdc_jax.models import heads  # pylint: disable=g-import-not-at-top
+    return heads.RewardModel(cfg)
+  raise ValueError(f"Unknown model kind {kind!r}; one of {KINDS}")
+
+
 def save_model(directory: str, cfg: transformer.ModelConfig, params: Any, *,
-               tokenizer: Optional[dict] = None, notes: Optional[dict] = None) -> None:
+               tokenizer: Optional[dict] = None, notes: Optional[dict] = None,
+               kind: str = "lm") -> None:
   """Writes a model directory (local or gs://); call on every process (collective).
 
   model.json is written last and is the commit point: a directory being replaced loses its
@@ -58,7 +74,9 @@ def save_model(directory: str, cfg: transformer.ModelConfig, params: Any, *,
     if os.fspath(source) != tok_copy:  # read before anything in `directory` is touched
       tok_bytes = storage.read_bytes(source) if storage.is_writer() else b""
     tokenizer["path"] = TOKENIZER_FILE
-  meta = {"model": dataclasses.asdict(cfg), "tokenizer": tokenizer, "notes": notes or {}}
+  module_for(kind, cfg)  # an unknown kind fails before anything is written
+  meta = {"model": dataclasses.asdict(cfg), "tokenizer": tokenizer, "notes": notes or {},
+          "kind": kind}
   storage.barrier(f"save-model:{directory}")  # readers of the old model are done
   if storage.is_writer() and storage.exists(meta_path):
     storage.path(meta_path).unlink()
@@ -84,13 +102,18 @@ def load_model_config(directory: str) -> tuple[transformer.ModelConfig, dict]:
   return transformer.ModelConfig(**fields), meta
 
 
-def load_model(directory: str, *, mesh=None, rules=None):
+def load_model(directory: str, *, mesh=None, rules=None, kind: str = "lm"):
   """(ModelConfig, params, tokenizer or None, meta, param shardings), restored into the
-  shardings of `mesh` (default: all devices on the data axis)."""
+  shardings of `mesh` (default: all devices on the data axis). `kind` is what the caller
+  expects (a directory of another kind is refused, naming both)."""
   cfg, meta = load_model_config(directory)
+  found = meta.get("kind", "lm")  # directories written before kinds existed are LMs
+  if found != kind:
+    raise ValueError(f"{directory} holds a {found!r} model, not the {kind!r} model expected "
+                     f"here; point the flag at a directory of the right kind")
   mesh = mesh or sharding_lib.make_mesh((-1, 1, 1))
   rules = rules or sharding_lib.DEFAULT_RULES
-  model = transformer.Transformer(cfg)
+  model = module_for(kind, cfg)
   init = lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
   abstract = sharding_lib.abstract_with_shardings(init, mesh, rules)
   with ckpt_lib.Checkpointer(storage.join(directory, "params"), save_every=1) as c:

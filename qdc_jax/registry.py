@@ -49,11 +49,12 @@ register("experiment", "ei", "qdc_jax.experiments.ei:run")
 register("experiment", "ppo", "qdc_jax.experiments.ppo:run")
 register("experiment", "rcrl", "qdc_jax.experiments.rcrl:run")
 register("experiment", "scaling", "qdc_jax.experiments.scaling:run")
+register("experiment", "glore", "qdc_jax.experiments.glore:run")
 
 # RL rewards: fn(items, completions, *, tokenizer) -> qdc_jax.rl.rewards.Rewards.
 register("reward", "sparse", "qdc_jax.rl.rewards:sparse")
 register("reward", "dense", "qdc_jax.rl.rewards:dense")
-register("reward", "model", "qdc_jax.rl.rewards:RewardModelReward")
+register("reward", "model", "qdc_jax.rl.reward_models:RewardModelReward")
 
 # SPARQ mutators (generators that are not language models).
 register("mutator", "arith_programmatic", "qdc_jax.sparq.agents:ProgrammaticGenerator")

@@ -361,9 +361,10 @@ def test_reward_model_reward_round_trip(tmp_path):
   rm = heads.RewardModel(cfg)
   params = nn.meta.unbox(rm.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
   params["head"]["w"] = jax.random.normal(jax.random.PRNGKey(1), (cfg.d_model,))
-  rewards.save_reward_model(str(tmp_path / "rm"), cfg, params,
-                            {"kind": "char", "alphabet": arith.ALPHABET})
-  reward = rewards.load_reward_model(str(tmp_path / "rm"), batch_size=2)
+  from qdc_jax.rl import reward_models
+  reward_models.save(str(tmp_path / "rm"), cfg, params,
+                     tokenizer_meta={"kind": "char", "alphabet": arith.ALPHABET})
+  reward = reward_models.RewardModelReward.from_directory(str(tmp_path / "rm"), batch_size=2)
   items = [common.Item("q", "Question: 1+1\nSolution:\n", "2")] * 3
   texts = ["1+1=2\nThe answer is 2.", "The answer is 3.", "no answer"]
   out = reward(items, texts)
@@ -374,12 +375,12 @@ def test_reward_model_reward_round_trip(tmp_path):
     logit = rm.apply({"params": params}, jnp.asarray([ids]))[0, -1]
     assert out.scores[i] == pytest.approx(float(jax.nn.sigmoid(logit)), rel=1e-5)
   assert registry.get("reward", "sparse")(items, texts).scores.tolist() == [1.0, 0.0, 0.0]
-  with pytest.raises(ValueError, match="not a reward model"):
+  with pytest.raises(ValueError, match="holds a 'lm' model, not the 'reward_model'"):
     from qdc_jax import model_io
     model_io.save_model(str(tmp_path / "policy"), cfg, nn.meta.unbox(
         transformer.Transformer(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))
         ["params"]), tokenizer={"kind": "char", "alphabet": arith.ALPHABET})
-    rewards.load_reward_model(str(tmp_path / "policy"))
+    reward_models.load(str(tmp_path / "policy"))
 
 
 def test_report_tables_and_plots(tmp_path):

@@ -716,9 +716,9 @@ def parse_solution(text: Any) -> ParsedSolution:
   return ParsedSolution(tuple(steps), answer)
 
 
-def evaluate_step(expr: str) -> Optional[int]:
-  """Value of one step's left-hand side (``12+7``, ``min(4,9)``); None if not
-  a well-formed step or undefined."""
+def parse_step(expr: str) -> Optional[tuple[str, int, int]]:
+  """(op, a, b) of one step's left-hand side (``12+7`` -> ('+', 12, 7), ``min(4,9)``,
+  ``20% of 50``); None if it is not a well-formed step."""
   try:
     for regex, kind in _STEP_EXPR_RES:
       m = regex.fullmatch(expr.strip())
@@ -731,10 +731,89 @@ def evaluate_step(expr: str) -> Optional[int]:
       a, b = _safe_int(a), _safe_int(b)
       if a is None or b is None:
         return None
-      return apply_op(op, a, b)
+      return op, a, b
   except Exception:  # pylint: disable=broad-except
     return None
   return None
+
+
+def evaluate_step(expr: str) -> Optional[int]:
+  """Value of one step's left-hand side (``12+7``, ``min(4,9)``); None if not
+  a well-formed step or undefined."""
+  parsed = parse_step(expr)
+  if parsed is None:
+    return None
+  try:
+    return apply_op(*parsed)
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+_COMMUTATIVE = frozenset({'+', '*', 'min', 'max'})
+
+
+def first_wrong_step(tree: Node, steps: Sequence[str]) -> Optional[int]:
+  """The oracle's exact step check: index of the first wrong line of a solution, or None.
+
+  `steps` are the solution's lines (``a op b=v`` steps, then ``The answer is N.``). The tree
+  is simulated: a step is right if it computes, with its true value, a node of the tree
+  whose operands are literals or nodes already computed (either operand order for + * min
+  max); repeating an already computed node is harmless. The answer line is right if it
+  states the tree's value; lines after it are not checked. Any other line (unparseable, a
+  value that is not in the tree, a wrong result) is wrong. A solution whose lines are all
+  right but that never states the answer returns ``len(steps)``: no prefix is wrong, the
+  solution is unfinished.
+  """
+  nodes = []  # every BinOp, post-order
+
+  def visit(node):
+    if isinstance(node, BinOp):
+      visit(node.left)
+      visit(node.right)
+      nodes.append(node)
+  visit(tree)
+  # Keyed by the (frozen, structurally equal) node: equal subtrees, e.g. both (3+4) of
+  # (3+4)*(3+4), are one computation.
+  true_value = {}
+  for node in nodes:
+    try:
+      true_value[node] = evaluate(node)
+    except ArithError:
+      true_value[node] = None
+  done: set = set()
+
+  def operand(child) -> Optional[int]:
+    if isinstance(child, Num):
+      return child.value
+    return true_value[child] if child in done else None
+
+  answer = evaluate(tree)
+  for i, line in enumerate(steps):
+    line = line.strip()
+    m = _ANSWER_LINE_RE.fullmatch(line)
+    if m is not None:
+      return None if _safe_int(m[1]) == answer else i
+    m = _STEP_LINE_RE.fullmatch(line) if len(line) <= _MAX_STEP_LINE_CHARS else None
+    parsed = parse_step(m[1]) if m is not None else None
+    if parsed is None:
+      return i
+    op, a, b = parsed
+    value = _safe_int(m[2])
+    match = None
+    for node in nodes:
+      if node.op != op or true_value[node] != value:
+        continue
+      x, y = operand(node.left), operand(node.right)
+      if x is None or y is None:
+        continue
+      if (x, y) == (a, b) or (op in _COMMUTATIVE and (y, x) == (a, b)):
+        match = node
+        if node not in done:
+          break  # prefer a pending node over a repeat
+    if match is None:
+      return i
+    done.add(match)
+  return len(steps)
 
 
 def _safe_int(digits: str) -> Optional[int]:

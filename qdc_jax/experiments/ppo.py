@@ -38,15 +38,16 @@ from qdc_jax import sharding as sharding_lib
 from qdc_jax import storage
 from qdc_jax.rl import common
 from qdc_jax.rl import ppo
+from qdc_jax.rl import reward_models
 from qdc_jax.rl import rewards as rewards_lib
 
 
-def make_reward(rc):
+def make_reward(rc, mesh=None, rules=None):
   if rc.name == "model":
     if not rc.model_dir:
-      raise ValueError("reward.name='model' needs --config.reward.model_dir (a directory "
-                       "written by qdc_jax.rl.rewards.save_reward_model)")
-    return rewards_lib.load_reward_model(rc.model_dir)
+      raise ValueError("reward.name='model' needs --config.reward.model_dir (a reward-model "
+                       "directory, e.g. <glore workdir>/orm/model)")
+    return reward_models.RewardModelReward.from_directory(rc.model_dir, mesh=mesh, rules=rules)
   fn = registry.get("reward", rc.name)
   return functools.partial(fn, step_weight=rc.step_weight) if rc.name == "dense" else fn
 
@@ -113,7 +114,7 @@ def run(config, workdir: str) -> dict:
   tok = policy.tokenizer
   cfg = policy.model.config
   spec, hyper = make_spec_hyper(config, cfg)
-  reward_fn = make_reward(config.reward)
+  reward_fn = make_reward(config.reward, mesh, rules)
   # Recorded only once the inputs load, so a mistyped path does not pin the workdir. The
   # number of iterations sets the schedule, so only stop_after_iteration may change.
   common.check_settings(workdir, config.to_dict(),

@@ -203,7 +203,7 @@ def run(config, workdir: str) -> dict:
   base = common.load_policy(config.base, mesh=mesh, rules=rules)
   same = common.resolve_model_dir(config.policy) == common.resolve_model_dir(config.base)
   tok_meta, tokenizer = rcrl.extend_tokenizer(base.meta.get("tokenizer") or {}, rcrl.LABELS,
-                                              base.model.config.vocab_size)
+                                              base.model.config.vocab_size, directory=workdir)
   evals_path = storage.join(workdir, EVALS_FILE)
   evals = storage.read_json(evals_path) or {}
 

@@ -11,6 +11,7 @@ test problems that no workload ever trains on. With a real dataset they come fro
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from typing import Any, Optional, Sequence
@@ -164,26 +165,41 @@ def eval_section(k: int = 16) -> ml_collections.ConfigDict:
   # Texts that end a sample (base models: e.g. ("\nQuestion:",)); chat models stop at
   # <end_of_turn> anyway.
   c.stop_strings = ()
+  # A reward-model directory (e.g. <glore workdir>/orm/model): the samples are also reranked
+  # by it (rerank@k beside maj@k and pass@k). '' = none.
+  c.reward_model = ""
   return c
 
 
 def evaluate(params, items: Sequence[Item], *, policy: Policy, ec, mesh, rules,
-             param_shardings=None) -> tuple[dict, dict]:
+             param_shardings=None, scorer=None) -> tuple[dict, dict]:
   """`solve.solve_and_score` on `items`: metrics (greedy_accuracy = maj@1, maj@k, pass@k,
-  diversity/...) and the completions."""
+  diversity/..., rerank@k with a reward model: `scorer(prompts, texts)`, else the one
+  `ec.reward_model` names) and the completions."""
+  if scorer is None and ec.get("reward_model"):
+    scorer = _reward_model(ec.reward_model, mesh, rules).final_scores
   return solve.solve_and_score(
       params, [it.prompt for it in items], [it.answer for it in items], model=policy.model,
       tokenizer=policy.tokenizer, k=ec.k, temperature=ec.temperature,
       max_new_tokens=ec.max_new_tokens, ks=tuple(k for k in ec.ks if k <= ec.k),
       rng=jax.random.PRNGKey(ec.seed), batch_size=ec.batch_size, mesh=mesh, rules=rules,
       param_shardings=param_shardings or policy.shardings,
-      stop_strings=tuple(ec.get("stop_strings", ())))
+      stop_strings=tuple(ec.get("stop_strings", ())), scorer=scorer)
+
+
+@functools.lru_cache(maxsize=2)
+def _reward_model(path: str, mesh, rules):
+  """The evaluation's reward model, loaded once per (path, mesh) in a process."""
+  from qdc_jax.rl import reward_models  # pylint: disable=g-import-not-at-top
+  return reward_models.load(path, mesh=mesh, rules=rules)
 
 
 def headline(m: dict, k: int) -> dict:
   """The thesis table columns of one `evaluate` result (maj@1 is the greedy accuracy)."""
   out = {"maj@1": m.get("greedy_accuracy"), f"maj@{k}": m.get(f"maj@{k}"),
          f"pass@{k}": m.get(f"pass@{k}"), "sample_accuracy": m.get("accuracy")}
+  if f"rerank@{k}" in m:
+    out[f"rerank@{k}"] = m[f"rerank@{k}"]
   for key in ("exact_all", "trace_all", "exact_correct", "trace_correct"):
     out[f"diversity/{key}"] = m.get(f"diversity/{key}")
   return out

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import re
 from typing import Any, Optional, Sequence
 
 import jax
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qdc_jax import sampling
+from qdc_jax import storage
 from qdc_jax import tokenizers
 
 GOOD = "[GOOD]"
@@ -253,13 +255,49 @@ def make_record(d: Labelled, cut: int = 0) -> dict:
 # Tokenizer: label tokens.
 
 
-def extend_tokenizer(tok_meta: dict, labels: Sequence[str], model_vocab_size: int
-                     ) -> tuple[dict, Any]:
+_UNUSED_PIECE = re.compile(r"<unused[0-9]+>")
+EXTENDED_TOKENIZER_FILE = "tokenizer_with_labels.model"
+
+
+def _is_one_piece(tok, label: str) -> bool:
+  """Whether a SentencePiece model writes `label` as one token, also inside text."""
+  i = tok.piece_to_id(label)
+  return i != tok.unk_id and i in tok.encode("a" + label + "a")
+
+
+def add_pieces(proto: bytes, pieces: Sequence[str], model_vocab_size: int) -> bytes:
+  """A SentencePiece model proto in which each of `pieces` is a user-defined piece (always one
+  token): an unused placeholder piece (Gemma's `<unused0>`..) is renamed if there is one, so
+  the vocabulary and every existing id stay as they are; else the piece is appended, and its id
+  must fit in the model's embedding table."""
+  from sentencepiece import sentencepiece_model_pb2  # pylint: disable=g-import-not-at-top
+  m = sentencepiece_model_pb2.ModelProto()
+  m.ParseFromString(proto)
+  kind = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
+  free = [p for p in m.pieces if _UNUSED_PIECE.fullmatch(p.piece)]
+  for label in pieces:
+    if free:
+      slot = free.pop(0)
+      slot.piece, slot.type, slot.score = label, kind, 0.0
+    else:
+      if len(m.pieces) >= model_vocab_size:
+        raise ValueError(f"The tokenizer has no unused piece for {label!r} and the model's "
+                         f"{model_vocab_size} embedding rows are all taken: use a base model "
+                         f"with spare rows or a tokenizer with <unusedN> pieces")
+      m.pieces.add(piece=label, score=0.0, type=kind)
+  return m.SerializeToString()
+
+
+def extend_tokenizer(tok_meta: dict, labels: Sequence[str], model_vocab_size: int,
+                     directory: Optional[str] = None) -> tuple[dict, Any]:
   """(tokenizer metadata, tokenizer) that can write the label tokens.
 
   A char tokenizer gets the labels' missing characters appended to its alphabet (existing ids
   unchanged, so the base model's embeddings keep their meaning); the new ids must fit in the
-  model's embedding table. A SentencePiece tokenizer writes the labels as plain text.
+  model's embedding table. A SentencePiece tokenizer gets each label as an added special
+  (user-defined) piece (`add_pieces`); the extended model file is written to `directory`
+  (the workdir; process 0 writes) and the metadata points at it, so the exported model
+  directory carries it. Labels that already are one piece are left alone.
   """
   kind = tok_meta.get("kind")
   if kind == "char":
@@ -273,31 +311,60 @@ def extend_tokenizer(tok_meta: dict, labels: Sequence[str], model_vocab_size: in
                        f"larger embedding table (lab models have 128 rows)")
     return {**tok_meta, "alphabet": alphabet + missing}, tok
   if kind == "sentencepiece":
-    return dict(tok_meta), tokenizers.make_tokenizer("sentencepiece",
-                                                     model_path=tok_meta["path"])
+    tok = tokenizers.make_tokenizer("sentencepiece", model_path=tok_meta["path"])
+    missing = [l for l in dict.fromkeys(labels) if not _is_one_piece(tok, l)]
+    if not missing:
+      return dict(tok_meta), tok
+    if directory is None:
+      raise ValueError(f"Adding the pieces {missing} to {tok_meta['path']} writes a new "
+                       f"tokenizer file: pass a directory (the workdir)")
+    path = storage.join(directory, EXTENDED_TOKENIZER_FILE)
+    proto = add_pieces(tok.processor.serialized_model_proto(), missing, model_vocab_size)
+    storage.write_bytes(path, proto)  # process 0 writes; the others wait for it
+    added = list(tok_meta.get("added_pieces", [])) + missing
+    return ({**tok_meta, "path": path, "added_pieces": added},
+            tokenizers.make_tokenizer("sentencepiece", model_path=path))
   raise ValueError(f"Unknown tokenizer kind {kind!r} in the model's metadata")
 
 
-def init_label_embeddings(params, old_meta: dict, new_meta: dict):
-  """`params` with the embedding rows of the characters `extend_tokenizer` appended set to the
-  mean row of the old alphabet (rows of existing ids unchanged, so is the base's behaviour).
+def _label_and_base_ids(old_meta: dict, new_meta: dict, rows: int) -> tuple[list[int], list[int]]:
+  """(ids `extend_tokenizer` added, ids whose mean row they start from)."""
+  if old_meta.get("kind") == "char":
+    old, new = old_meta["alphabet"], new_meta["alphabet"]
+    if not new.startswith(old):
+      raise ValueError("init_label_embeddings: the new alphabet must extend the old one")
+    tok = tokenizers.make_tokenizer("char", alphabet=new)
+    return tok.encode(new[len(old):]), tok.encode(old)
+  added = [p for p in new_meta.get("added_pieces", [])
+           if p not in old_meta.get("added_pieces", [])]
+  if not added:
+    return [], []
+  tok = tokenizers.make_tokenizer("sentencepiece", model_path=new_meta["path"])
+  new_ids = [tok.piece_to_id(p) for p in added]
+  return new_ids, sorted(set(range(min(rows, tok.vocab_size))) - set(new_ids))
 
-  The base never saw those ids: their rows still hold the random init, pushed away from every
-  hidden state by the softmax, and as inputs they derail the model (after a short lab
-  fine-tune it still answers "[GOOD]" with "]]]]..."). Copying a similar character's row
-  ('(' for '[') is worse with tied embeddings: the model then writes "min[52,85]".
+
+def init_label_embeddings(params, old_meta: dict, new_meta: dict):
+  """`params` with the embedding rows of the tokens `extend_tokenizer` added (a char
+  tokenizer's appended characters, a SentencePiece model's added pieces) set to the mean row
+  of the base vocabulary (the old alphabet; every other piece), other rows unchanged, so is
+  the base's behaviour.
+
+  The base never saw those ids: their rows still hold the random init (or an unused piece's
+  untrained row), pushed away from every hidden state by the softmax, and as inputs they
+  derail the model (after a short lab fine-tune it still answers "[GOOD]" with "]]]]...").
+  Copying a similar character's row ('(' for '[') is worse with tied embeddings: the model
+  then writes "min[52,85]".
   """
-  if old_meta.get("kind") != "char" or new_meta["alphabet"] == old_meta["alphabet"]:
+  if old_meta.get("kind") == "char" and new_meta["alphabet"] == old_meta["alphabet"]:
     return params
-  old, new = old_meta["alphabet"], new_meta["alphabet"]
-  if not new.startswith(old):
-    raise ValueError("init_label_embeddings: the new alphabet must extend the old one")
-  tok = tokenizers.make_tokenizer("char", alphabet=new)
-  old_ids = jnp.asarray(tok.encode(old))
-  new_ids = jnp.asarray(tok.encode(new[len(old):]))
-  out = dict(params)
   table = params["embedding"]  # [vocab, d_model]
-  mean = table[old_ids].mean(0)
+  new_ids, old_ids = _label_and_base_ids(old_meta, new_meta, table.shape[0])
+  if not new_ids:
+    return params
+  old_ids, new_ids = jnp.asarray(old_ids), jnp.asarray(new_ids)
+  out = dict(params)
+  mean = table[old_ids].mean(0)  # (a 256k-row gather for Gemma: once, at the start)
   out["embedding"] = table.at[new_ids].set(jnp.broadcast_to(mean, (len(new_ids), mean.size)))
   if "lm_head" in params:  # untied output head [d_model, vocab]
     head = params["lm_head"]

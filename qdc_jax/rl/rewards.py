@@ -8,7 +8,7 @@ completion (the ends of its steps), which `token_rewards_from_offsets` moves ont
 - dense: sparse + `step_weight / #reference steps` for every step of the completion whose
   arithmetic matches a step of the reference solution (the thesis's heuristic step matching).
 - model: the probability of a correct answer that an outcome reward model gives the whole
-  completion (`RewardModelReward`).
+  completion (`qdc_jax.rl.reward_models.RewardModelReward`).
 Completions whose answer cannot be read score 0 and are counted in `unparseable`, never raise.
 """
 
@@ -17,14 +17,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional, Sequence
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from qdc_jax.data import answers
 from qdc_jax.eval import metrics
-from qdc_jax import storage
 
 
 @dataclasses.dataclass
@@ -36,7 +32,7 @@ class Rewards:
   step_rewards: Optional[list[list[tuple[int, float]]]] = None
 
 
-def _correctness(items, completions) -> tuple[np.ndarray, int]:
+def correctness(items, completions) -> tuple[np.ndarray, int]:
   if len(items) != len(completions):
     raise ValueError(f"{len(items)} items but {len(completions)} completions")
   correct, unparseable = [], 0
@@ -51,7 +47,7 @@ def _correctness(items, completions) -> tuple[np.ndarray, int]:
 
 
 def sparse(items: Sequence[Any], completions: Sequence[str], **_) -> Rewards:
-  correct, bad = _correctness(items, completions)
+  correct, bad = correctness(items, completions)
   return Rewards(correct.astype(np.float32), correct, bad)
 
 
@@ -109,58 +105,3 @@ def token_rewards_from_offsets(rewards: Rewards, tokenizer, responses: Sequence[
       j = token_index_of_offset(tokenizer, resp, offset)
       out[i, prompt_lengths[i] - 1 + j] += value
   return out
-
-
-class RewardModelReward:
-  """Scores completions with an outcome reward model (`qdc_jax.models.heads.RewardModel`):
-  reward = sigmoid(score at the completion's last token) = P(correct) by the ORM."""
-
-  def __init__(self, model, params, tokenizer, *, batch_size: int = 64):
-    self.model, self.params, self.tokenizer, self.batch_size = (model, params, tokenizer,
-                                                                batch_size)
-    self._apply = jax.jit(lambda p, t: model.apply({"params": p}, t))
-
-  def __call__(self, items: Sequence[Any], completions: Sequence[str], **_) -> Rewards:
-    correct, bad = _correctness(items, completions)
-    seqs = [self.tokenizer.encode(it.prompt + c, add_bos=True)
-            for it, c in zip(items, completions)]
-    scores = np.zeros(len(seqs), np.float32)
-    width = -(-max(len(s) for s in seqs) // 32) * 32
-    for start in range(0, len(seqs), self.batch_size):
-      chunk = seqs[start:start + self.batch_size]
-      toks = np.full((self.batch_size, width), self.tokenizer.pad_id, np.int32)
-      for r, s in enumerate(chunk):
-        toks[r, :len(s)] = s
-      logits = np.asarray(self._apply(self.params, jnp.asarray(toks)))
-      for r, s in enumerate(chunk):
-        scores[start + r] = 1.0 / (1.0 + np.exp(-logits[r, len(s) - 1]))
-    return Rewards(scores, correct, bad)
-
-
-def save_reward_model(directory: str, cfg, params: dict, tokenizer_meta: dict) -> None:
-  """A reward-model directory: model.json + params/ ({"trunk", "head"}, qdc_jax.checkpoint)."""
-  from qdc_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  storage.makedirs(directory)
-  with ckpt_lib.Checkpointer(storage.join(directory, "params"), save_every=1, keep=1,
-                             async_save=False) as c:
-    c.maybe_save(0, params, force=True)
-  storage.write_json(storage.join(directory, "model.json"),
-                     {"model": dataclasses.asdict(cfg), "tokenizer": tokenizer_meta,
-                      "kind": "reward_model"})
-
-
-def load_reward_model(directory: str, **kwargs) -> RewardModelReward:
-  """`RewardModelReward` of a directory written by `save_reward_model`."""
-  from qdc_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
-  from qdc_jax import model_io  # pylint: disable=g-import-not-at-top
-  from qdc_jax.models import heads  # pylint: disable=g-import-not-at-top
-  cfg, meta = model_io.load_model_config(directory)
-  if meta.get("kind") != "reward_model":
-    raise ValueError(f"{directory}/model.json is not a reward model (kind "
-                     f"{meta.get('kind')!r}); write one with rewards.save_reward_model")
-  model = heads.RewardModel(cfg)
-  abstract = jax.eval_shape(lambda: nn.meta.unbox(
-      model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]))
-  with ckpt_lib.Checkpointer(storage.join(directory, "params"), save_every=1) as c:
-    params, _ = c.restore(abstract)
-  return RewardModelReward(model, params, model_io.load_tokenizer(directory, meta), **kwargs)

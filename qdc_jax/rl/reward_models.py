@@ -1,0 +1,355 @@
+"""Outcome and step-wise reward models (thesis 3.4, GLoRe): labels, training loss, scoring.
+
+A reward model (`heads.RewardModel`: the shared transformer trunk + a scalar head) reads a
+question and a solution and gives, at the last token of every step, the logit of
+P(the final answer will be correct | question, solution up to that step).
+
+Labels, one per step of a student solution (its lines, `rcrl.split_steps`):
+  ORM           every step gets the solution's own final correctness.
+  balanced ORM  the same, on a subset of solutions with as many correct as incorrect ones per
+                question (`balance_per_question`).
+  SORM          step i (prefix P_i = S_1..S_i) is positive if any of K rollouts of the student
+                from P_i reaches the correct answer and is *consistent* (the result R_i of
+                step S_i, the number after its last '=', appears in the rollout, so the
+                rollout builds on the prefix rather than starting over); the last step's label
+                is the solution's own correctness. Post-processing (`sorm_labels`): a positive
+                step makes every earlier step positive; `balance_per_step` then keeps as many
+                positives as negatives at each prefix length (the others are left unlabelled,
+                weight 0, not dropped: their text still conditions later steps).
+
+Training rows (`encode`): int32 tokens [N, T] and at each labelled step end a label and a
+weight; `OBJECTIVE` (binary cross-entropy at the weighted positions) plugs into `fit`.
+`Scorer` reads P(correct) at every step end; `RewardModelReward` is PPO's `model` reward.
+Model directories go through `model_io` with kind "reward_model".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qdc_jax import model_io
+from qdc_jax import sharding as sharding_lib
+from qdc_jax import storage
+from qdc_jax import train
+from qdc_jax.models import heads
+from qdc_jax.rl import rcrl
+from qdc_jax.rl import rewards
+
+KIND = "reward_model"
+LABEL_KINDS = ("orm", "balanced_orm", "sorm")
+
+
+# ---------------------------------------------------------------------------------------------
+# One student solution with everything its labels come from (a JSONL row).
+
+
+@dataclasses.dataclass
+class Solution:
+  question: int  # index into the items it was sampled for
+  sample: int  # which sample of that question
+  prompt: str
+  answer: str
+  steps: list[str]
+  correct: bool  # the final answer is right
+  # Per non-final step i: for each of the K rollouts from P_{i+1}, (reached the correct
+  # answer, consistent with the prefix). Empty when no rollouts were drawn.
+  rollout_checks: list[list[tuple[bool, bool]]] = dataclasses.field(default_factory=list)
+  # Per non-final step: the first correct and consistent rollout from P_{i+1} (None if none):
+  # local refinement's targets.
+  verifiers: list[Optional[str]] = dataclasses.field(default_factory=list)
+  oracle_first_wrong: Optional[int] = None  # lab only: `arith.first_wrong_step`
+
+  @property
+  def text(self) -> str:
+    return "\n".join(self.steps)
+
+  def to_json(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_json(cls, d: dict) -> "Solution":
+    d = dict(d)
+    d["rollout_checks"] = [[tuple(c) for c in g] for g in d.get("rollout_checks", [])]
+    return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+
+_NUMBER = re.compile(r"-?[0-9]+")
+
+
+def step_result(step: str) -> Optional[str]:
+  """R_i of a step line `... = R` (None for lines without a result, e.g. the answer line)."""
+  if "=" not in step:
+    return None
+  m = _NUMBER.search(step.rsplit("=", 1)[1])
+  return m.group(0) if m else None
+
+
+def consistent(step: str, suffix: str) -> bool:
+  """Whether a rollout `suffix` from the prefix ending in `step` uses that step's result
+  (a whole number in the suffix; steps without a result are consistent with anything)."""
+  r = step_result(step)
+  if r is None:
+    return True
+  # Signed as written: a result of -2 is not the 2 of "5-2" (a digit before the minus).
+  return re.search(rf"(?<![0-9]){re.escape(r)}(?![0-9])", suffix) is not None
+
+
+def check_rollouts(steps: Sequence[str], rollouts: Sequence[Sequence[str]], answer: str,
+                   is_correct: Callable[[str, str], bool]
+                   ) -> tuple[list[list[tuple[bool, bool]]], list[Optional[str]]]:
+  """Per non-final step i, per rollout from P_{i+1}: (correct, consistent); and per step the
+  first rollout that is both (None if none)."""
+  if len(rollouts) != max(len(steps) - 1, 0):
+    raise ValueError(f"{len(steps)} steps need {max(len(steps) - 1, 0)} rollout groups, got "
+                     f"{len(rollouts)}")
+  checks, verifiers = [], []
+  for i, group in enumerate(rollouts):
+    head = rcrl.prefix_text(steps, i + 1)
+    row = [(bool(is_correct(head + r, answer)), consistent(steps[i], r)) for r in group]
+    checks.append(row)
+    verifiers.append(next((r for r, (c, ok) in zip(group, row) if c and ok), None))
+  return checks, verifiers
+
+
+# ---------------------------------------------------------------------------------------------
+# Labels.
+
+
+def orm_labels(s: Solution) -> list[bool]:
+  return [s.correct] * len(s.steps)
+
+
+def sorm_raw_labels(s: Solution, consistency: bool = True) -> list[bool]:
+  """Before post-processing: a step is positive if a (consistent) rollout verified it."""
+  out = [any(c and (ok or not consistency) for c, ok in group) for group in s.rollout_checks]
+  return out + [s.correct] if s.steps else []
+
+
+def sorm_labels(s: Solution, consistency: bool = True) -> list[bool]:
+  """Raw labels, then a positive step makes every earlier step positive."""
+  raw = sorm_raw_labels(s, consistency)
+  return [any(raw[i:]) for i in range(len(raw))]
+
+
+def oracle_labels(s: Solution) -> list[bool]:
+  """Lab only: P_i is valid (every step up to i right) and the solution, where it is whole,
+  reaches the answer: the exact counterpart of a step label."""
+  if s.oracle_first_wrong is None and not s.correct:
+    raise ValueError("oracle labels need oracle_first_wrong (lab items only)")
+  first = len(s.steps) if s.oracle_first_wrong is None else s.oracle_first_wrong
+  labels = [i < first for i in range(len(s.steps))]
+  if labels:
+    labels[-1] = s.correct
+  return labels
+
+
+def balance_per_question(data: Sequence[Solution], seed: int = 0) -> list[int]:
+  """Balanced ORM: per question, min(#correct, #incorrect) solutions of each class (drawn
+  at random); questions with one class only contribute nothing. Returns indices."""
+  rng = np.random.default_rng(seed)
+  by_q: dict[int, tuple[list[int], list[int]]] = {}
+  for i, s in enumerate(data):
+    by_q.setdefault(s.question, ([], []))[0 if s.correct else 1].append(i)
+  keep = []
+  for q in sorted(by_q):
+    pos, neg = by_q[q]
+    n = min(len(pos), len(neg))
+    keep += list(rng.choice(pos, n, replace=False)) + list(rng.choice(neg, n, replace=False))
+  return sorted(int(i) for i in keep)
+
+
+def balance_per_step(labels: Sequence[Sequence[bool]], seed: int = 0) -> list[list[bool]]:
+  """Which step labels train: at each prefix length, as many positives as negatives (drawn
+  at random). Returns a per-solution, per-step mask."""
+  rng = np.random.default_rng(seed)
+  mask = [[False] * len(l) for l in labels]
+  depth = max((len(l) for l in labels), default=0)
+  for t in range(depth):
+    pos = [i for i, l in enumerate(labels) if len(l) > t and l[t]]
+    neg = [i for i, l in enumerate(labels) if len(l) > t and not l[t]]
+    n = min(len(pos), len(neg))
+    for i in list(rng.choice(pos, n, replace=False)) + list(rng.choice(neg, n, replace=False)):
+      mask[int(i)][t] = True
+  return mask
+
+
+def training_labels(data: Sequence[Solution], kind: str, seed: int = 0,
+                    consistency: bool = True
+                    ) -> tuple[list[int], list[list[bool]], list[list[bool]]]:
+  """(solution indices, their labels, which labels train) for one reward model kind
+  (`consistency`: the SORM's consistency check, on by default; off for the ablation)."""
+  if kind == "orm":
+    idx = list(range(len(data)))
+    labels = [orm_labels(data[i]) for i in idx]
+    return idx, labels, [[True] * len(l) for l in labels]
+  if kind == "balanced_orm":
+    idx = balance_per_question(data, seed)
+    labels = [orm_labels(data[i]) for i in idx]
+    return idx, labels, [[True] * len(l) for l in labels]
+  if kind == "sorm":
+    idx = list(range(len(data)))
+    labels = [sorm_labels(data[i], consistency) for i in idx]
+    return idx, labels, balance_per_step(labels, seed)
+  raise ValueError(f"Unknown reward model kind {kind!r}; one of {LABEL_KINDS}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Token rows.
+
+
+def step_end_tokens(tokenizer, prompt: str, steps: Sequence[str]) -> tuple[list[int], list[int]]:
+  """(token ids of BOS + prompt + the steps joined by newlines, the index of each step's last
+  token). The prompt and the solution are encoded apart, as the sampler saw them."""
+  head = tokenizer.encode(prompt, add_bos=True)
+  body = tokenizer.encode("\n".join(steps))
+  ends, offset = [], 0
+  for s in steps:
+    offset += len(s)
+    ends.append(len(head) + rewards.token_index_of_offset(tokenizer, body, offset))
+    offset += 1  # the newline
+  return head + body, ends
+
+
+def encode(tokenizer, rows: Sequence[tuple[str, Sequence[str], Sequence[bool],
+                                           Sequence[bool]]], seq_len: int
+           ) -> tuple[dict[str, np.ndarray], int]:
+  """(prompt, steps, labels, mask) rows -> {"tokens", "labels", "weights"} [N, seq_len] and
+  the number of step labels cut off by seq_len (they get weight 0)."""
+  n = len(rows)
+  tokens = np.full((n, seq_len), tokenizer.pad_id, np.int32)
+  labels = np.zeros((n, seq_len), np.float32)
+  weights = np.zeros((n, seq_len), np.float32)
+  cut = 0
+  for r, (prompt, steps, lab, mask) in enumerate(rows):
+    ids, ends = step_end_tokens(tokenizer, prompt, steps)
+    ids = ids[:seq_len]
+    tokens[r, :len(ids)] = ids
+    for e, y, m in zip(ends, lab, mask):
+      if not m:
+        continue
+      if e >= seq_len:
+        cut += 1
+        continue
+      labels[r, e], weights[r, e] = float(y), 1.0
+  return {"tokens": tokens, "labels": labels, "weights": weights}, cut
+
+
+def bce_loss_sums(params, batch, *, model):
+  """Sum of binary cross-entropies at the weighted positions; "correct" counts the
+  thresholded predictions that match (reported as accuracy)."""
+  logits = model.apply({"params": params}, batch["tokens"])
+  y, w = batch["labels"], batch["weights"]
+  # log(1 + e^-|z|) + max(z, 0) - z y: stable for any logit.
+  losses = jnp.logaddexp(0.0, logits) - logits * y
+  hit = ((logits > 0).astype(jnp.float32) == y).astype(jnp.float32)
+  return jnp.sum(losses * w), {"tokens": jnp.sum(w), "correct": jnp.sum(hit * w)}
+
+
+OBJECTIVE = train.Objective(bce_loss_sums)
+
+
+def init_params(policy_params) -> dict:
+  """Reward model params: the policy's trunk (copied) and a zero `heads.ScalarHead`, so every
+  score starts at P = 0.5."""
+  d = policy_params["embedding"].shape[-1]
+  return {"trunk": jax.tree.map(jnp.copy, policy_params),
+          "head": {"w": jnp.zeros((d,), jnp.float32), "b": jnp.zeros((), jnp.float32)}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring and the model directory.
+
+
+class Scorer:
+  """P(correct) at step ends with a trained reward model, on a mesh (global arrays in, the
+  replicated logits back through `to_host`; every process makes the same calls)."""
+
+  def __init__(self, model, params, tokenizer, *, mesh, rules, param_shardings,
+               batch_size: int = 64):
+    self.model, self.params, self.tokenizer = model, params, tokenizer
+    self.mesh, self.rules = mesh, rules
+    self.truncated = 0  # step ends past the model's max_len, scored NaN
+    rows = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+    self.batch_size = -(-batch_size // rows) * rows
+    self._apply = sharding_lib.jit_sharded(
+        lambda p, t: model.apply({"params": p}, t), mesh, rules,
+        in_shardings=(param_shardings, sharding_lib.batch_sharding(mesh, rules, 2)),
+        out_shardings=sharding_lib.replicated(mesh))
+
+  def step_scores(self, prompts: Sequence[str], step_lists: Sequence[Sequence[str]]
+                  ) -> list[np.ndarray]:
+    """Per solution, P(correct) after each of its steps (an empty array for no steps; NaN for
+    a step that ends past the model's max_len, counted in `truncated`)."""
+    enc = [step_end_tokens(self.tokenizer, p, s) for p, s in zip(prompts, step_lists)]
+    out: list[np.ndarray] = []
+    max_len = self.model.config.max_len
+    for start in range(0, len(enc), self.batch_size):
+      chunk = enc[start:start + self.batch_size]
+      width = min(max(-(-max(len(ids) for ids, _ in chunk) // 64) * 64, 64), max_len)
+      toks = np.full((self.batch_size, width), self.tokenizer.pad_id, np.int32)
+      for r, (ids, _) in enumerate(chunk):
+        toks[r, :min(len(ids), width)] = ids[:width]
+      logits = sharding_lib.to_host(self._apply(self.params,
+                                                sharding_lib.put_global(toks, self.mesh,
+                                                                        self.rules)))
+      for r, (_, ends) in enumerate(chunk):
+        ends = np.asarray(ends, np.int64)
+        inside = ends < width
+        p = np.full(len(ends), np.nan)
+        p[inside] = 1.0 / (1.0 + np.exp(-logits[r, ends[inside]].astype(np.float64)))
+        self.truncated += int((~inside).sum())
+        out.append(p)
+    return out
+
+  def final_scores(self, prompts: Sequence[str], texts: Sequence[str]) -> np.ndarray:
+    """P(correct) of each whole solution (at its last step; 0.5 for an empty text)."""
+    scores = self.step_scores(prompts, [rcrl.split_steps(t) for t in texts])
+    return np.asarray([s[-1] if len(s) else 0.5 for s in scores], np.float64)
+
+
+def save(directory: str, cfg, params, *, tokenizer_meta: dict, notes: Optional[dict] = None
+         ) -> None:
+  """A reward-model directory (model_io, kind "reward_model"); call on every process."""
+  model_io.save_model(directory, cfg, params, tokenizer=tokenizer_meta, notes=notes, kind=KIND)
+
+
+def load(directory: str, *, mesh=None, rules=None, batch_size: int = 64) -> Scorer:
+  """The `Scorer` of a reward-model directory (or 'asset:NAME')."""
+  if directory.startswith("asset:"):
+    directory = model_io.asset_path(directory[len("asset:"):])
+  mesh = mesh or sharding_lib.make_mesh((-1, 1, 1))
+  rules = rules or sharding_lib.DEFAULT_RULES
+  cfg, params, tok, meta, shardings = model_io.load_model(directory, mesh=mesh, rules=rules,
+                                                           kind=KIND)
+  if tok is None:
+    raise ValueError(f"{directory}/model.json names no tokenizer")
+  return Scorer(heads.RewardModel(cfg), params, tok, mesh=mesh, rules=rules,
+                param_shardings=shardings, batch_size=batch_size)
+
+
+class RewardModelReward:
+  """PPO's `model` reward: P(correct) of each completion by an outcome reward model. A class
+  (built from a directory by `from_directory`), where the other rewards are functions."""
+
+  def __init__(self, scorer: Scorer):
+    self.scorer = scorer
+
+  @classmethod
+  def from_directory(cls, directory: str, **kwargs) -> "RewardModelReward":
+    return cls(load(directory, **kwargs))
+
+  def __call__(self, items: Sequence[Any], completions: Sequence[str], **_) -> rewards.Rewards:
+    correct, bad = rewards.correctness(items, completions)
+    scores = self.scorer.final_scores([it.prompt for it in items], completions)
+    return rewards.Rewards(scores.astype(np.float32), correct, bad)
+
+
+def read_solutions(path: str) -> Optional[list[Solution]]:
+  rows = storage.read_rows(path)
+  return None if rows is None else [Solution.from_json(r) for r in rows]
