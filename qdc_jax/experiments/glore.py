@@ -81,21 +81,14 @@ def build_solutions(policy, items, gc, *, greedy_draft: bool, seed: int, is_lab:
         rng=jax.random.fold_in(key, 2), **kw)
     texts = [g + t for g, t in zip(greedy, texts)]
   flat = [(q, s, rcrl.split_steps(t)) for q, row in enumerate(texts) for s, t in enumerate(row)]
-  prefixes, owner = [], []
-  for j, (q, _, steps) in enumerate(flat):
-    for p in rcrl.rollout_prefixes(steps):
-      prefixes.append(items[q].prompt + p)
-      owner.append(j)
   t1 = time.perf_counter()
-  logging.info("glore data: %d solutions in %.1fs; rolling out %d prefixes x %d", len(flat),
-               t1 - t0, len(prefixes), gc.rollouts_per_step)
-  rolls = sampling.generate_text(
-      policy.params, prefixes, sp=dataclasses.replace(sp, num_samples=gc.rollouts_per_step),
-      rng=jax.random.fold_in(key, 1), **kw) if prefixes else []
+  logging.info("glore data: %d solutions in %.1fs; rolling out each step x %d", len(flat),
+               t1 - t0, gc.rollouts_per_step)
+  groups = rcrl.step_rollouts(
+      policy.params, [items[q].prompt for q, _, _ in flat], [steps for _, _, steps in flat],
+      sp=dataclasses.replace(sp, num_samples=gc.rollouts_per_step),
+      rng=jax.random.fold_in(key, 1), **kw)
   logging.info("glore data: rollouts in %.1fs", time.perf_counter() - t1)
-  groups: list[list[list[str]]] = [[] for _ in flat]
-  for j, g in zip(owner, rolls):
-    groups[j].append(g)
   out = []
   for j, (q, s, steps) in enumerate(flat):
     it = items[q]

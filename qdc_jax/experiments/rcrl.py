@@ -77,21 +77,15 @@ def build_dataset(policy: common.Policy, items, rc, *, mesh, rules) -> list[rcrl
   sols = sampling.generate_text(policy.params, [it.prompt for it in items], sp=sp, rng=key,
                                 **common_kw)
   flat = [(q, s, text) for q, texts in enumerate(sols) for s, text in enumerate(texts)]
-  prefixes, owner = [], []
-  for j, (q, _, text) in enumerate(flat):
-    for p in rcrl.rollout_prefixes(rcrl.split_steps(text)):
-      prefixes.append(items[q].prompt + p)
-      owner.append(j)
   t1 = time.perf_counter()
-  logging.info("rcrl data: %d solutions in %.1fs; rolling out %d prefixes x %d", len(flat),
-               t1 - t0, len(prefixes), rc.rollouts_per_step)
-  rolls = sampling.generate_text(
-      policy.params, prefixes, sp=dataclasses.replace(sp, num_samples=rc.rollouts_per_step),
-      rng=jax.random.fold_in(key, 1), **common_kw) if prefixes else []
+  logging.info("rcrl data: %d solutions in %.1fs; rolling out each step x %d", len(flat),
+               t1 - t0, rc.rollouts_per_step)
+  groups = rcrl.step_rollouts(
+      policy.params, [items[q].prompt for q, _, _ in flat],
+      [rcrl.split_steps(text) for _, _, text in flat],
+      sp=dataclasses.replace(sp, num_samples=rc.rollouts_per_step),
+      rng=jax.random.fold_in(key, 1), **common_kw)
   logging.info("rcrl data: rollouts in %.1fs", time.perf_counter() - t1)
-  groups: list[list[list[str]]] = [[] for _ in flat]
-  for j, g in zip(owner, rolls):
-    groups[j].append(g)
   return [rcrl.label_solution(question=q, sample=s, prompt=items[q].prompt,
                               answer=items[q].answer, solution=text, rollouts=groups[j],
                               is_correct=answers.is_correct, threshold=rc.threshold,

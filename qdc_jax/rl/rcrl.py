@@ -104,6 +104,23 @@ def rollout_prefixes(steps: Sequence[str]) -> list[str]:
   return [prefix_text(steps, i) for i in range(1, len(steps))]
 
 
+def step_rollouts(params, prompts: Sequence[str], step_lists: Sequence[Sequence[str]], *,
+                  sp: sampling.SamplingParams, rng, **sampler_kw) -> list[list[list[str]]]:
+  """Per solution (prompt + its steps), the `sp.num_samples` continuations of each non-final
+  prefix P_1..P_{L-1}: every prefix of the set in one sampler call."""
+  prefixes, owner = [], []
+  for j, (prompt, steps) in enumerate(zip(prompts, step_lists)):
+    for p in rollout_prefixes(steps):
+      prefixes.append(prompt + p)
+      owner.append(j)
+  rolls = sampling.generate_text(params, prefixes, sp=sp, rng=rng,
+                                 **sampler_kw) if prefixes else []
+  groups: list[list[list[str]]] = [[] for _ in step_lists]
+  for j, g in zip(owner, rolls):
+    groups[j].append(g)
+  return groups
+
+
 def label_solution(*, question: int, sample: int, prompt: str, answer: str, solution: str,
                    rollouts: Sequence[Sequence[str]], is_correct, threshold: float = 0.5,
                    keep_rollouts: bool = True) -> Labelled:
