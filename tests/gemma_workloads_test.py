@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 import pytest
+import sentencepiece as spm
 
 from qdc_jax import model_io
 from qdc_jax.sparq import skills
@@ -49,14 +50,29 @@ def _rows(path):
     return [json.loads(l) for l in fh if l.strip()]
 
 
-def _check_model_dir(path, tokenizer_bytes):
-  """A self-contained model directory: its own tokenizer.model, named relative."""
+def _check_model_dir(path, tokenizer_bytes, added_pieces=()):
+  """A self-contained model directory: its own tokenizer.model, named relative; the base
+  tokenizer itself, or (RCRL) the base with `added_pieces` as one piece each."""
   with open(os.path.join(path, "model.json")) as fh:
-    assert json.load(fh)["tokenizer"] == {"kind": "sentencepiece", "path": "tokenizer.model"}
-  with open(os.path.join(path, "tokenizer.model"), "rb") as fh:
-    assert fh.read() == tokenizer_bytes
+    meta = json.load(fh)["tokenizer"]
+  expected = {"kind": "sentencepiece", "path": "tokenizer.model"}
+  if added_pieces:
+    expected["added_pieces"] = list(added_pieces)
+  assert meta == expected
   cfg, _, tok, _, _ = model_io.load_model(path)
   assert tok.piece_to_id("<end_of_turn>") == 107 and cfg.d_model == 64
+  with open(os.path.join(path, "tokenizer.model"), "rb") as fh:
+    exported = fh.read()
+  if not added_pieces:
+    assert exported == tokenizer_bytes
+  else:  # every used base piece keeps its id; each label encodes as one id below vocab_size
+    base = spm.SentencePieceProcessor(model_proto=tokenizer_bytes)
+    for i in range(base.get_piece_size()):
+      if not base.id_to_piece(i).startswith("<unused"):
+        assert tok.processor.id_to_piece(i) == base.id_to_piece(i), i
+    for piece in added_pieces:
+      ids = tok.encode(piece)
+      assert len(ids) == 1 and ids[0] < cfg.vocab_size, (piece, ids)
   return cfg
 
 
@@ -125,8 +141,9 @@ def test_sft_ei_ppo_rcrl_evaluate(ran):
   root, logs = ran
   with open(os.path.join(root, "tokenizer.model"), "rb") as fh:
     tok = fh.read()
-  for name in ("sft", "ei", "ppo", "rcrl"):  # every export carries its own tokenizer
+  for name in ("sft", "ei", "ppo"):  # every export carries its own tokenizer
     _check_model_dir(os.path.join(root, name, "model"), tok)
+  _check_model_dir(os.path.join(root, "rcrl", "model"), tok, added_pieces=("[GOOD]", "[BAD]"))
   # SFT fit the HF-converted model; EI sampled from it, kept correct samples and refit.
   sft_loss = [r["loss"] for r in _rows(os.path.join(root, "sft", "sft_metrics.jsonl"))
               if "loss" in r]
