@@ -10,6 +10,9 @@ Args:
   ""          lab: from the shipped student, sparse reward, full fine-tune (minutes on 2 cores).
   dense       lab, dense (step-matching) reward.
   hydra_lora  lab, bottom block frozen and shared (Hydra) + LoRA rank 8 on the rest.
+  a2c         lab, A2C (thesis 3.2): one on-policy gradient step per rollout batch (1 epoch,
+              the whole batch as the minibatch), so the ratio is 1 and the clipped objectives
+              reduce to the advantage-weighted policy gradient and the plain value regression.
   gemma       the thesis's numbers (rollouts 1024 = 256 questions x N=4 at T=0.7, 4 epochs,
               batch 256, lr 1e-6, LoRA 128, KL 0.05, 4-layer value branch); paths from flags.
   smoke       seconds; what the tests run.
@@ -80,6 +83,9 @@ def get_config(arg: str = ""):
     c.ppo.frozen_layers = 1
     c.ppo.lora_rank = 8
     c.opt.lr = 5e-4  # LoRA factors start at zero and need a larger step
+  elif arg == "a2c":
+    c.ppo.epochs = 1
+    c.ppo.minibatch_size = c.ppo.questions_per_batch * c.ppo.best_k  # every rollout row
   elif arg == "gemma":
     c.policy = ""  # --config.policy=<model directory of the SFT'd Gemma>
     c.task = common.task_section("gsm8k")
@@ -117,5 +123,5 @@ def get_config(arg: str = ""):
     c.eval.every = 2
   elif arg:
     raise ValueError(f"Unknown configs/ppo.py arg {arg!r}; use '', 'dense', 'hydra_lora', "
-                     f"'gemma' or 'smoke'")
+                     f"'a2c', 'gemma' or 'smoke'")
   return c

@@ -50,6 +50,7 @@ register("experiment", "ppo", "qdc_jax.experiments.ppo:run")
 register("experiment", "rcrl", "qdc_jax.experiments.rcrl:run")
 register("experiment", "scaling", "qdc_jax.experiments.scaling:run")
 register("experiment", "glore", "qdc_jax.experiments.glore:run")
+register("experiment", "preference_rm", "qdc_jax.experiments.preference_rm:run")
 
 # RL rewards: fn(items, completions, *, tokenizer) -> qdc_jax.rl.rewards.Rewards.
 register("reward", "sparse", "qdc_jax.rl.rewards:sparse")

@@ -64,7 +64,8 @@ def check_settings(config, workdir: str, record: bool = False) -> None:
 
 def build_solutions(policy, items, gc, *, greedy_draft: bool, seed: int, is_lab: bool, mesh,
                     rules) -> list[reward_models.Solution]:
-  """Per item: [greedy draft +] S samples; K rollouts per non-final step of each."""
+  """Per item: [greedy draft +] S samples; K rollouts per non-final step of each (none when
+  `gc.rollouts_per_step` is 0)."""
   key = jax.random.PRNGKey(seed)
   kw = dict(model=policy.model, tokenizer=policy.tokenizer, batch_size=gc.batch_size,
             mesh=mesh, rules=rules, param_shardings=policy.shardings,
@@ -84,11 +85,14 @@ def build_solutions(policy, items, gc, *, greedy_draft: bool, seed: int, is_lab:
   t1 = time.perf_counter()
   logging.info("glore data: %d solutions in %.1fs; rolling out each step x %d", len(flat),
                t1 - t0, gc.rollouts_per_step)
-  groups = rcrl.step_rollouts(
-      policy.params, [items[q].prompt for q, _, _ in flat], [steps for _, _, steps in flat],
-      sp=dataclasses.replace(sp, num_samples=gc.rollouts_per_step),
-      rng=jax.random.fold_in(key, 1), **kw)
-  logging.info("glore data: rollouts in %.1fs", time.perf_counter() - t1)
+  if gc.rollouts_per_step:
+    groups = rcrl.step_rollouts(
+        policy.params, [items[q].prompt for q, _, _ in flat], [steps for _, _, steps in flat],
+        sp=dataclasses.replace(sp, num_samples=gc.rollouts_per_step),
+        rng=jax.random.fold_in(key, 1), **kw)
+    logging.info("glore data: rollouts in %.1fs", time.perf_counter() - t1)
+  else:  # solutions only (the preference pairs need no rollouts)
+    groups = [[[] for _ in steps[:-1]] for _, _, steps in flat]
   out = []
   for j, (q, s, steps) in enumerate(flat):
     it = items[q]
@@ -148,7 +152,9 @@ def train_reward_model(kind, data, student, tc, workdir, *, seed, consistency, m
     return None
   reward_models.save(out_dir, model.config, result.params,
                      tokenizer_meta=student.meta.get("tokenizer"),
-                     notes={"algorithm": kind, "rows": len(train_rows), "steps": result.step,
+                     notes={"algorithm": kind, "objective": "bce",
+                            "transform": {"kind": "sigmoid"}, "rows": len(train_rows),
+                            "steps": result.step,
                             "labels": int(np.sum([np.sum(m) for m in mask])),
                             "labels_cut": cut, "student": student.path})
   return out_dir

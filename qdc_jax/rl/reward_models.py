@@ -17,10 +17,19 @@ Labels, one per step of a student solution (its lines, `rcrl.split_steps`):
                 positives as negatives at each prefix length (the others are left unlabelled,
                 weight 0, not dropped: their text still conditions later steps).
 
+Preference reward model (thesis 3.2, trlX): the same head read at the last token of a whole
+completion, trained on (prompt, chosen, rejected) pairs with the Bradley-Terry loss
+-log sigmoid(r_chosen - r_rejected) (`BRADLEY_TERRY`). Pairs come from a JSONL (Anthropic
+HH-style rows by flag, `read_pairs`) or, on the lab, from student samples (`solution_pairs`).
+
 Training rows (`encode`): int32 tokens [N, T] and at each labelled step end a label and a
-weight; `OBJECTIVE` (binary cross-entropy at the weighted positions) plugs into `fit`.
-`Scorer` reads P(correct) at every step end; `RewardModelReward` is PPO's `model` reward.
-Model directories go through `model_io` with kind "reward_model".
+weight; `OBJECTIVE` (binary cross-entropy at the weighted positions) plugs into `fit`;
+`encode_pairs` / `BRADLEY_TERRY` are the pairwise twins. `Scorer` reads the head at every
+step end; `RewardModelReward` is PPO's `model` reward. Model directories go through
+`model_io` with kind "reward_model"; their notes record `objective` and the `transform` a
+consumer applies to the head's logit (`transform_scores`): "sigmoid" (P(correct), the ORMs) or
+"standardise" (shift and scale measured on the training completions: Bradley-Terry logits have
+no fixed scale).
 """
 
 from __future__ import annotations
@@ -254,6 +263,173 @@ def bce_loss_sums(params, batch, *, model):
 OBJECTIVE = train.Objective(bce_loss_sums)
 
 
+# ---------------------------------------------------------------------------------------------
+# Preference pairs (Bradley-Terry).
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+  prompt: str
+  chosen: str  # the completion preferred ...
+  rejected: str  # ... over this one
+  why: str = "data"  # "data" (read from a file), "correct" or "first_error" (lab pairs)
+  question: int = -1  # lab pairs: index of the question both answer
+
+  def to_json(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_json(cls, d: dict) -> "Pair":
+    return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+
+TIE_BREAKS = ("none", "first_error")
+
+
+def solution_pairs(data: Sequence[Solution], *, max_per_question: int, seed: int = 0,
+                   tie_break: str = "first_error") -> list[Pair]:
+  """Preference pairs among the samples of each question.
+
+  A correct solution is preferred over an incorrect one ("correct"). The tie-break decides
+  pairs of equal correctness: "none" forms none; "first_error" (needs the lab oracle's
+  `oracle_first_wrong`) prefers, of two incorrect solutions, the one whose first wrong step
+  comes later (it is right for longer); equal first errors, and two correct solutions, form
+  no pair. Distinct texts only (a pair of identical texts carries no preference). Up to
+  `max_per_question` pairs per question, a seeded sample of the candidates (0 = all), in
+  a fixed order.
+  """
+  if tie_break not in TIE_BREAKS:
+    raise ValueError(f"tie_break={tie_break!r}: use one of {TIE_BREAKS}")
+  rng = np.random.default_rng(seed)
+  by_q: dict[int, list[Solution]] = {}
+  for s in data:
+    by_q.setdefault(s.question, []).append(s)
+  out = []
+  for q in sorted(by_q):
+    sols = list({s.text: s for s in by_q[q] if s.steps}.values())
+    cand = []
+    for a in sols:
+      for b in sols:
+        if a.correct and not b.correct:
+          cand.append((a, b, "correct"))
+        elif (tie_break == "first_error" and not a.correct and not b.correct
+              and a.oracle_first_wrong is not None and b.oracle_first_wrong is not None
+              and a.oracle_first_wrong > b.oracle_first_wrong):
+          cand.append((a, b, "first_error"))
+    if max_per_question and len(cand) > max_per_question:
+      cand = [cand[i] for i in sorted(rng.choice(len(cand), max_per_question, replace=False))]
+    out += [Pair(a.prompt, a.text, b.text, why, q) for a, b, why in cand]
+  return out
+
+
+_ASSISTANT = "\n\nAssistant:"
+
+
+def pair_from_row(row: dict, where: str) -> Pair:
+  """A (prompt, chosen, rejected) row, or an Anthropic HH row {"chosen", "rejected"} whose two
+  dialogues share everything up to the last "\n\nAssistant:" (the prompt)."""
+  missing = [k for k in ("chosen", "rejected") if not isinstance(row.get(k), str)]
+  if missing:
+    raise ValueError(f"{where}: no text field {missing} (a preference row needs 'chosen' and "
+                     f"'rejected', and 'prompt' unless both hold a whole HH dialogue)")
+  if isinstance(row.get("prompt"), str):
+    return Pair(row["prompt"], row["chosen"], row["rejected"])
+  chosen, rejected = row["chosen"], row["rejected"]
+  common_len = 0
+  for x, y in zip(chosen, rejected):
+    if x != y:
+      break
+    common_len += 1
+  cut = chosen.rfind(_ASSISTANT, 0, common_len)
+  if cut < 0:
+    raise ValueError(f"{where}: no 'prompt' field and the chosen and rejected texts share no "
+                     f"'\\n\\nAssistant:' turn to split at; give the prompt as its own field")
+  cut += len(_ASSISTANT)
+  return Pair(chosen[:cut], chosen[cut:], rejected[cut:])
+
+
+def read_pairs(path: str, limit: int = 0) -> list[Pair]:
+  """Preference pairs from a JSONL file (`pair_from_row` per line); `limit` > 0 keeps the
+  first rows. A malformed row is an error naming its line."""
+  rows = storage.read_rows(path)
+  if rows is None:
+    raise FileNotFoundError(f"No preference file at {path}")
+  rows = rows[:limit] if limit else rows
+  return [pair_from_row(r, f"{path} line {i + 1}") for i, r in enumerate(rows)]
+
+
+def completion_end(tokenizer, prompt: str, completion: str) -> tuple[list[int], int]:
+  """(tokens, index of the token the head is read at): the end of the completion's last
+  step, where `Scorer.final_scores` reads it (the prompt alone for an empty completion)."""
+  steps = rcrl.split_steps(completion)
+  ids, ends = step_end_tokens(tokenizer, prompt, steps)
+  return ids, ends[-1] if ends else len(ids) - 1
+
+
+def encode_pairs(tokenizer, pairs: Sequence[Pair], seq_len: int
+                 ) -> tuple[dict[str, np.ndarray], int]:
+  """Pairs -> {"tokens" [N, 2, T] (chosen, rejected), "ends" [N, 2], "weights" [N]} and the
+  number of pairs dropped (weight 0) because a completion's end is past seq_len."""
+  n = len(pairs)
+  tokens = np.full((n, 2, seq_len), tokenizer.pad_id, np.int32)
+  ends = np.zeros((n, 2), np.int32)
+  weights = np.ones((n,), np.float32)
+  cut = 0
+  for r, pr in enumerate(pairs):
+    for j, text in enumerate((pr.chosen, pr.rejected)):
+      ids, end = completion_end(tokenizer, pr.prompt, text)
+      ids = ids[:seq_len]
+      tokens[r, j, :len(ids)] = ids
+      if end >= seq_len:
+        weights[r] = 0.0
+      else:
+        ends[r, j] = end
+    cut += int(weights[r] == 0)
+  return {"tokens": tokens, "ends": ends, "weights": weights}, cut
+
+
+def bradley_terry_loss_sums(params, batch, *, model):
+  """Sum over pairs of -log sigmoid(r_chosen - r_rejected), r the head at each completion's
+  end; "correct" counts the pairs ranked right (reported as pairwise accuracy)."""
+  n, _, t = batch["tokens"].shape
+  logits = model.apply({"params": params}, batch["tokens"].reshape(n * 2, t)).reshape(n, 2, t)
+  r = jnp.take_along_axis(logits, batch["ends"][..., None], axis=-1)[..., 0]
+  margin = r[:, 0] - r[:, 1]
+  w = batch["weights"]
+  return (jnp.sum(jnp.logaddexp(0.0, -margin) * w),
+          {"tokens": jnp.sum(w), "correct": jnp.sum((margin > 0).astype(jnp.float32) * w)})
+
+
+BRADLEY_TERRY = train.Objective(bradley_terry_loss_sums)
+OBJECTIVES = {"bce": OBJECTIVE, "bradley_terry": BRADLEY_TERRY}
+
+
+# ---------------------------------------------------------------------------------------------
+# What a consumer makes of the head's logit.
+
+TRANSFORMS = ("sigmoid", "standardise")
+
+
+def standardise_transform(logits: np.ndarray) -> dict:
+  """The "standardise" transform of a Bradley-Terry model: its logits on `logits` (the
+  training completions) map to mean 0, standard deviation 1."""
+  logits = np.asarray(logits, np.float64)
+  return {"kind": "standardise", "shift": float(np.mean(logits)),
+          "scale": float(max(np.std(logits), 1e-6))}
+
+
+def transform_scores(logits: np.ndarray, transform: Optional[dict]) -> np.ndarray:
+  """Head logits -> scores: P = sigmoid(z) (no transform recorded: directories written
+  before transforms existed are ORMs), or (z - shift) / scale."""
+  transform = transform or {"kind": "sigmoid"}
+  z = np.asarray(logits, np.float64)
+  if transform["kind"] == "sigmoid":
+    return 1.0 / (1.0 + np.exp(-z))
+  if transform["kind"] == "standardise":
+    return (z - transform["shift"]) / transform["scale"]
+  raise ValueError(f"Unknown reward-model transform {transform!r}: one of {TRANSFORMS}")
+
+
 def init_params(policy_params) -> dict:
   """Reward model params: the policy's trunk (copied) and a zero `heads.ScalarHead`, so every
   score starts at P = 0.5."""
@@ -267,13 +443,17 @@ def init_params(policy_params) -> dict:
 
 
 class Scorer:
-  """P(correct) at step ends with a trained reward model, on a mesh (global arrays in, the
-  replicated logits back through `to_host`; every process makes the same calls)."""
+  """The reward head at step ends with a trained reward model, on a mesh (global arrays in,
+  the replicated logits back through `to_host`; every process makes the same calls).
+
+  `transform` (the directory's, `transform_scores`) maps a whole completion's logit to the
+  score `final_scores` returns."""
 
   def __init__(self, model, params, tokenizer, *, mesh, rules, param_shardings,
-               batch_size: int = 64):
+               batch_size: int = 64, transform: Optional[dict] = None):
     self.model, self.params, self.tokenizer = model, params, tokenizer
     self.mesh, self.rules = mesh, rules
+    self.transform = transform or {"kind": "sigmoid"}
     self.truncated = 0  # step ends past the model's max_len, scored NaN
     rows = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
     self.batch_size = -(-batch_size // rows) * rows
@@ -282,10 +462,10 @@ class Scorer:
         in_shardings=(param_shardings, sharding_lib.batch_sharding(mesh, rules, 2)),
         out_shardings=sharding_lib.replicated(mesh))
 
-  def step_scores(self, prompts: Sequence[str], step_lists: Sequence[Sequence[str]]
+  def step_logits(self, prompts: Sequence[str], step_lists: Sequence[Sequence[str]]
                   ) -> list[np.ndarray]:
-    """Per solution, P(correct) after each of its steps (an empty array for no steps; NaN for
-    a step that ends past the model's max_len, counted in `truncated`)."""
+    """Per solution, the head's logit after each of its steps (an empty array for no steps;
+    NaN for a step that ends past the model's max_len, counted in `truncated`)."""
     enc = [step_end_tokens(self.tokenizer, p, s) for p, s in zip(prompts, step_lists)]
     out: list[np.ndarray] = []
     max_len = self.model.config.max_len
@@ -301,16 +481,31 @@ class Scorer:
       for r, (_, ends) in enumerate(chunk):
         ends = np.asarray(ends, np.int64)
         inside = ends < width
-        p = np.full(len(ends), np.nan)
-        p[inside] = 1.0 / (1.0 + np.exp(-logits[r, ends[inside]].astype(np.float64)))
+        z = np.full(len(ends), np.nan)
+        z[inside] = logits[r, ends[inside]].astype(np.float64)
         self.truncated += int((~inside).sum())
-        out.append(p)
+        out.append(z)
     return out
 
+  def step_scores(self, prompts: Sequence[str], step_lists: Sequence[Sequence[str]]
+                  ) -> list[np.ndarray]:
+    """Per solution, P(correct) after each of its steps: sigmoid of `step_logits` (what an
+    ORM / SORM head means)."""
+    return [transform_scores(z, {"kind": "sigmoid"})
+            for z in self.step_logits(prompts, step_lists)]
+
+  def final_logits(self, prompts: Sequence[str], texts: Sequence[str]) -> np.ndarray:
+    """The head's logit at the end of each whole completion (NaN for an empty text)."""
+    z = self.step_logits(prompts, [rcrl.split_steps(t) for t in texts])
+    return np.asarray([x[-1] if len(x) else np.nan for x in z], np.float64)
+
   def final_scores(self, prompts: Sequence[str], texts: Sequence[str]) -> np.ndarray:
-    """P(correct) of each whole solution (at its last step; 0.5 for an empty text)."""
-    scores = self.step_scores(prompts, [rcrl.split_steps(t) for t in texts])
-    return np.asarray([s[-1] if len(s) else 0.5 for s in scores], np.float64)
+    """The score of each whole completion under the directory's transform: P(correct) for an
+    ORM (0.5 for an empty text), the standardised logit for a preference model (0 for an
+    empty text: its training mean)."""
+    z = self.final_logits(prompts, texts)
+    neutral = 0.0 if self.transform["kind"] == "sigmoid" else self.transform["shift"]
+    return transform_scores(np.where(np.isnan(z), neutral, z), self.transform)
 
 
 def save(directory: str, cfg, params, *, tokenizer_meta: dict, notes: Optional[dict] = None
@@ -320,7 +515,7 @@ def save(directory: str, cfg, params, *, tokenizer_meta: dict, notes: Optional[d
 
 
 def load(directory: str, *, mesh=None, rules=None, batch_size: int = 64) -> Scorer:
-  """The `Scorer` of a reward-model directory (or 'asset:NAME')."""
+  """The `Scorer` of a reward-model directory (or 'asset:NAME'), with its recorded transform."""
   if directory.startswith("asset:"):
     directory = model_io.asset_path(directory[len("asset:"):])
   mesh = mesh or sharding_lib.make_mesh((-1, 1, 1))
@@ -329,13 +524,16 @@ def load(directory: str, *, mesh=None, rules=None, batch_size: int = 64) -> Scor
                                                            kind=KIND)
   if tok is None:
     raise ValueError(f"{directory}/model.json names no tokenizer")
+  transform = meta.get("notes", {}).get("transform")
+  transform_scores(np.zeros(1), transform)  # an unknown transform fails here, not in PPO
   return Scorer(heads.RewardModel(cfg), params, tok, mesh=mesh, rules=rules,
-                param_shardings=shardings, batch_size=batch_size)
+                param_shardings=shardings, batch_size=batch_size, transform=transform)
 
 
 class RewardModelReward:
-  """PPO's `model` reward: P(correct) of each completion by an outcome reward model. A class
-  (built from a directory by `from_directory`), where the other rewards are functions."""
+  """PPO's `model` reward: each completion's `Scorer.final_scores` (P(correct) for an ORM, the
+  standardised Bradley-Terry score for a preference model). A class (built from a directory
+  by `from_directory`), where the other rewards are functions."""
 
   def __init__(self, scorer: Scorer):
     self.scorer = scorer
