@@ -142,7 +142,7 @@ def fit(tc: ml_collections.ConfigDict, *, model, workdir: str, mesh, rules,
   if patience and not tc.eval_every:
     raise ValueError(f"train.patience={patience} (early stopping) needs train.eval_every "
                      f"> 0: the held-out loss is what it watches")
-  tx = _optimizer(tc)
+  tx = objective.wrap_tx(_optimizer(tc))
   if tc.batch_size % tc.accum_steps:
     raise ValueError(f"train.batch_size={tc.batch_size} must be divisible by "
                      f"train.accum_steps={tc.accum_steps}")
@@ -258,7 +258,7 @@ def load_params(workdir: str, *, model: transformer.Transformer, tc, mesh, rules
   """Params of a `fit` run's checkpoint (e.g. a shipped asset, or an early-stopped run's best
   step: keep >= patience + 1 checkpoints saved at every evaluation), restored into
   shardings."""
-  tx = _optimizer(tc)
+  tx = objective.wrap_tx(_optimizer(tc))
   abstract = train.abstract_train_state(jax.random.PRNGKey(0), model=model, tx=tx,
                                         seq_len=tc.seq_len, mesh=mesh, rules=rules,
                                         objective=objective)

@@ -36,7 +36,7 @@ def asset_path(name: str) -> str:
   return os.path.join(ASSETS_DIR, name)
 
 
-KINDS = ("lm", "reward_model")
+KINDS = ("lm", "reward_model", "ilql")
 
 
 def module_for(kind: str, cfg: transformer.ModelConfig):
@@ -46,6 +46,9 @@ def module_for(kind: str, cfg: transformer.ModelConfig):
   if kind == "reward_model":
     from qdc_jax.models import heads  # pylint: disable=g-import-not-at-top
     return heads.RewardModel(cfg)
+  if kind == "ilql":
+    from qdc_jax.rl import ilql  # pylint: disable=g-import-not-at-top
+    return ilql.ILQLModel(cfg)
   raise ValueError(f"Unknown model kind {kind!r}; one of {KINDS}")
 
 

@@ -47,12 +47,18 @@ def _token_inputs(seq_len: int) -> tuple:
   return (jnp.zeros((1, seq_len), jnp.int32),)
 
 
+def _same_tx(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  return tx
+
+
 @dataclasses.dataclass(frozen=True)
 class Objective:
   """What `fit` minimises (see the module docstring). `aux` sums named "correct" are reported
-  as "accuracy"; every other aux sum `k` as `k` / tokens."""
+  as "accuracy"; every other aux sum `k` as `k` / tokens. `wrap_tx` turns fit's optimiser
+  into the one the objective needs (ILQL: Polyak-averaged target heads, frozen blocks)."""
   loss_sums: Callable
   init_args: Callable[[int], tuple] = _token_inputs
+  wrap_tx: Callable[[optax.GradientTransformation], optax.GradientTransformation] = _same_tx
 
 
 LM = Objective(loss_sums)

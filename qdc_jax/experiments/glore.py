@@ -395,36 +395,16 @@ def run(config, workdir: str) -> dict:
   is_lab = config.task.name == "lab"
   student = common.load_policy(config.student, mesh=mesh, rules=rules)
   check_settings(config, workdir, record=True)
-  evals_path = storage.join(workdir, EVALS_FILE)
-  evals = storage.read_json(evals_path) or {}
-
-  def cached(name, fn):
-    if name not in evals:
-      evals[name] = fn()
-      storage.write_json(evals_path, evals)
-      value = evals[name]
-      logging.info("glore %s: %s", name, value if isinstance(value, dict) else
-                   f"{len(value)} values")
-    return evals[name]
-
-  def timed(name, done_marker, fn):
-    """fn(), with its wall time recorded the first time the stage really runs."""
-    fresh = not storage.exists(done_marker)
-    t0 = time.perf_counter()
-    out = fn()
-    if fresh and storage.exists(done_marker):
-      evals.setdefault("seconds", {})[name] = time.perf_counter() - t0
-      storage.write_json(evals_path, evals)
-    return out
+  evals = common.ResultCache(storage.join(workdir, EVALS_FILE))
 
   # -- Data.
   kw = dict(gc=None, is_lab=is_lab, mesh=mesh, rules=rules)
   kw_train = {**kw, "gc": _sampling(gc, gc.train)}
   kw_test = {**kw, "gc": _sampling(gc, gc.test)}
   paths = {n: storage.join(workdir, f"{n}_solutions.jsonl") for n in ("train", "test")}
-  train = timed("train_data", paths["train"], lambda: solutions(paths["train"], lambda: (
+  train = evals.timed("train_data", paths["train"], lambda: solutions(paths["train"], lambda: (
       build_solutions(student, task.train, greedy_draft=False, seed=config.seed, **kw_train))))
-  test = timed("test_data", paths["test"], lambda: solutions(paths["test"], lambda: (
+  test = evals.timed("test_data", paths["test"], lambda: solutions(paths["test"], lambda: (
       build_solutions(student, test_items, greedy_draft=True, seed=config.seed + 1,
                       **kw_test))))
   drafts = [s for s in test if s.sample == 0]  # the greedy draft of each test question
@@ -433,7 +413,7 @@ def run(config, workdir: str) -> dict:
   # -- Reward models.
   rm_dirs = {}
   for kind in reward_models.LABEL_KINDS:
-    rm_dirs[kind] = timed(kind, storage.join(workdir, kind, "model", "model.json"),
+    rm_dirs[kind] = evals.timed(kind, storage.join(workdir, kind, "model", "model.json"),
                           lambda k=kind: train_reward_model(
                               k, train, student, config.rm_train, workdir, seed=config.seed,
                               consistency=gc.consistency, mesh=mesh, rules=rules))
@@ -446,7 +426,7 @@ def run(config, workdir: str) -> dict:
     storage.write_rows(storage.join(workdir, f"refine_{name}.jsonl"), records[name])
   ref_dirs = {}
   for name in REFINERS:
-    ref_dirs[name] = timed(f"refine_{name}",
+    ref_dirs[name] = evals.timed(f"refine_{name}",
                            storage.join(workdir, f"refine_{name}", "model", "model.json"),
                            lambda n=name: train_refiner(n, records[n], student,
                                                         config.refine_train, workdir,
@@ -464,7 +444,7 @@ def run(config, workdir: str) -> dict:
                                         batch_size=gc.batch_size)
     return loaded[kind]
 
-  step_scores = {k: [np.asarray(x, np.float64) for x in cached(
+  step_scores = {k: [np.asarray(x, np.float64) for x in evals.get(
       f"scores/{k}", lambda k=k: [list(map(float, x)) for x in scorer(k).step_scores(
           [t.prompt for t in test], [t.steps for t in test])])] for k in rm_dirs}
   draft_idx = [i for i, s in enumerate(test) if s.sample == 0]
@@ -481,18 +461,18 @@ def run(config, workdir: str) -> dict:
                       for sc, d in zip(sorm_draft, drafts)]}
   refined = {}
   for name in REFINERS:
-    refined[name] = cached(f"refined/{name}", lambda n=name: refine(
+    refined[name] = evals.get(f"refined/{name}", lambda n=name: refine(
         common.load_policy(ref_dirs[n], mesh=mesh, rules=rules), drafts, bad_at[n],
         gc=kw_test["gc"], mesh=mesh, rules=rules))
   candidates = {"draft": [d.text for d in drafts], **refined}
-  orm_scores = {n: np.asarray(cached(f"orm/{n}", lambda t=texts: list(map(
+  orm_scores = {n: np.asarray(evals.get(f"orm/{n}", lambda t=texts: list(map(
       float, scorer("orm").final_scores([d.prompt for d in drafts], t)))), np.float64)
                 for n, texts in candidates.items()}
   where = {(s.question, s.sample): i for i, s in enumerate(test)}
   best = [([s.text for s in row], [float(step_scores["orm"][where[s.question, s.sample]][-1])
                                    if s.steps else 0.5 for s in row]) for row in best_of]
   table = refinement_table(drafts, candidates, orm_scores, best)
-  student_eval = cached("student_eval", lambda: common.headline(common.evaluate(
+  student_eval = evals.get("student_eval", lambda: common.headline(common.evaluate(
       student.params, test_items, policy=student, ec=config.eval, mesh=mesh, rules=rules,
       scorer=scorer("orm").final_scores)[0], config.eval.k))
   loaded.clear()
@@ -509,7 +489,7 @@ def run(config, workdir: str) -> dict:
       "reward_models": rm_acc, "localisation": loc, "refinement": table,
       "local_refinement_applied": int(sum(b is not None for b in bad_at["local"])),
       "student_eval": student_eval, "seconds": time.time() - t_start,  # this invocation
-      "stage_seconds": evals.get("seconds", {}),  # each stage, when it ran
+      "stage_seconds": evals.values.get("seconds", {}),  # each stage, when it ran
   }
   storage.write_text(storage.join(workdir, "report.md"), report_markdown(report))
   plot(report, storage.join(workdir, "glore.png"))

@@ -103,9 +103,10 @@ def rollouts_drawn(data, k: int) -> int:
 
 
 def score(params, items, *, model, tokenizer, shardings, ec, conditioned: bool, sc, mesh,
-          rules) -> tuple[dict, dict]:
+          rules) -> dict:
   """Greedy + K samples per item (conditioned on [GOOD] step by step, or plain), labels
-  stripped, `metrics.summarize`d. Plain samples also report how they use the labels."""
+  stripped, `metrics.summarize`d: {"metrics", "examples"}. Plain samples also report how they
+  use the labels."""
   prompts, refs = [it.prompt for it in items], [it.answer for it in items]
   rng = jax.random.PRNGKey(ec.seed)
   kw = dict(model=model, tokenizer=tokenizer, batch_size=ec.batch_size, mesh=mesh,
@@ -142,7 +143,13 @@ def score(params, items, *, model, tokenizer, shardings, ec, conditioned: bool, 
     m["labels/with_good_share"] = float(np.mean([rcrl.GOOD in s for s, _ in flat]))
   examples = [{"prompt": p, "reference": r, "greedy": g[0], "sample": s[0]}
               for p, r, g, s in list(zip(prompts, refs, greedy, samples))[:3]]
-  return m, {"examples": examples}
+  return {"metrics": m, "examples": examples}
+
+
+def _headline(entry: dict) -> dict:
+  """The log line of a `score` result: its maj / pass / greedy numbers."""
+  return {k: round(v, 3) for k, v in entry["metrics"].items()
+          if isinstance(v, float) and k.startswith(("maj", "pass", "greedy"))}
 
 
 def plot(results: dict, k: int, path: str) -> None:
@@ -198,18 +205,8 @@ def run(config, workdir: str) -> dict:
   same = common.resolve_model_dir(config.policy) == common.resolve_model_dir(config.base)
   tok_meta, tokenizer = rcrl.extend_tokenizer(base.meta.get("tokenizer") or {}, rcrl.LABELS,
                                               base.model.config.vocab_size, directory=workdir)
-  evals_path = storage.join(workdir, EVALS_FILE)
-  evals = storage.read_json(evals_path) or {}
-
-  def cached(name, fn):
-    if name not in evals:
-      m, extra = fn()
-      evals[name] = {"metrics": m, **extra}
-      storage.write_json(evals_path, evals)
-      logging.info("%s: %s", name, {k: round(v, 3) for k, v in m.items()
-                                    if isinstance(v, float) and k.startswith(("maj", "pass",
-                                                                              "greedy"))})
-    return evals[name]["metrics"]
+  evals = common.ResultCache(storage.join(workdir, EVALS_FILE))
+  cached = lambda name, fn: evals.get(name, fn, describe=_headline)["metrics"]
 
   # -- Data: labelled solutions (all-or-nothing, atomic), then the balanced records.
   data_path = storage.join(workdir, DATA_FILE)
@@ -219,8 +216,7 @@ def run(config, workdir: str) -> dict:
     t0 = time.perf_counter()
     data = build_dataset(policy, task.train, rc, mesh=mesh, rules=rules)
     storage.write_rows(data_path, [d.to_json() for d in data])
-    evals["data_seconds"] = time.perf_counter() - t0
-    storage.write_json(evals_path, evals)
+    evals.put("data_seconds", time.perf_counter() - t0)
     del policy
   data = [rcrl.Labelled.from_json(r) for r in storage.read_rows(data_path)]
   chosen, stats = rcrl.balance(data, rc.balance, rc.seed)
@@ -256,8 +252,7 @@ def run(config, workdir: str) -> dict:
                   notes={"algorithm": "rcrl", "labels": list(rcrl.LABELS),
                          "policy": config.policy, "base": config.base, "steps": result.step,
                          "records": len(records), "balance": rc.balance})
-    evals["train_seconds"] = time.perf_counter() - t0
-    storage.write_json(evals_path, evals)
+    evals.put("train_seconds", time.perf_counter() - t0)
     del result
   del base
   rl = common.load_policy(model_dir, mesh=mesh, rules=rules)
@@ -292,7 +287,8 @@ def run(config, workdir: str) -> dict:
           "base_final": {s: head(m) for s, m in base_test.items()},
           "unconditioned": {s: head(m) for s, m in uncond.items()},
           "unconditioned_label_use": label_use,
-          "seconds": {"data": evals.get("data_seconds"), "train": evals.get("train_seconds"),
+          "seconds": {"data": evals.values.get("data_seconds"),
+                      "train": evals.values.get("train_seconds"),
                       "this_invocation": time.time() - t_start},
       },
   }

@@ -340,7 +340,7 @@ class Transformer(nn.Module):
                segment_ids_BxT: Optional[Array] = None, cache: Optional[Cache] = None,
                *, return_hidden: bool = False, logits_index_B: Optional[Array] = None,
                layers: Optional[tuple[int, int]] = None,
-               hidden_BxTxD: Optional[Array] = None):
+               hidden_BxTxD: Optional[Array] = None, with_hidden: bool = False):
     """`logits_index_B` keeps one position per row before the vocabulary readout
     (logits come back [B, 1, V]): prefill needs only the last prompt token, and the full
     [B, P, V] f32 logits of a 256k vocabulary would dwarf everything else.
@@ -350,6 +350,9 @@ class Transformer(nn.Module):
     stream entering block a) instead of the embeddings when given. With b < num_layers the
     residual stream leaving block b-1 comes back (no final norm, no readout); only the
     parameters of the pieces that run are needed.
+
+    `with_hidden` returns ((logits, final hidden states), cache): heads that read the hidden
+    states beside the readout (ILQL's Q and V heads) without a second pass.
     """
     cfg = self.config
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
@@ -419,6 +422,8 @@ class Transformer(nn.Module):
       logits = jnp.einsum("btd,dv->btv", x, head.astype(dt), preferred_element_type=jnp.float32)
     logits = _softcap(logits.astype(jnp.float32), cfg.final_softcap)
     logits = nn.with_logical_constraint(logits, ("act_batch", "act_len", "act_vocab"))
+    if with_hidden:
+      return (logits, x), new_cache
     return logits, new_cache
 
 

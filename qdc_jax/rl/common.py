@@ -14,8 +14,11 @@ import dataclasses
 import functools
 import json
 import math
-from typing import Any, Optional, Sequence
+import os
+import time
+from typing import Any, Callable, Optional, Sequence
 
+from absl import logging
 import jax
 import ml_collections
 
@@ -246,6 +249,51 @@ def resolve_train(tc: ml_collections.ConfigDict, num_records: int) -> ml_collect
   if tc.get("epochs", 0) and tc.epochs > 0:
     out.steps = max(1, math.ceil(tc.epochs * num_records / tc.batch_size))
   return out
+
+
+class ResultCache:
+  """The results of a resumable experiment's stages, in one JSON file (e.g. glore_evals.json):
+  each computed once, written as it lands (atomically; process 0 writes, as every
+  `storage` write), read back on a resume, so a killed run redoes at most the stage it was in.
+  Every process makes the same calls: a stage runs everywhere or nowhere."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self.values: dict = storage.read_json(path) or {}
+
+  def __contains__(self, name: str) -> bool:
+    return name in self.values
+
+  def __getitem__(self, name: str):
+    return self.values[name]
+
+  def put(self, name: str, value) -> None:
+    self.values[name] = value
+    storage.write_json(self.path, self.values)
+
+  def get(self, name: str, fn: Callable[[], Any],
+          describe: Optional[Callable[[Any], Any]] = None):
+    """The stored result `name`, or fn()'s, stored first (and logged: `describe(value)`, or
+    the value itself / the length of a list)."""
+    if name not in self.values:
+      self.put(name, fn())
+      value = self.values[name]
+      shown = (describe(value) if describe else f"{len(value)} values"
+               if isinstance(value, list) else value)
+      logging.info("%s %s: %s", os.path.basename(self.path), name, shown)
+    return self.values[name]
+
+  def timed(self, name: str, done_marker: str, fn: Callable[[], Any]):
+    """fn(), with its wall time stored under "seconds" the first time the stage really runs
+    (`done_marker`, the file the stage leaves when complete, did not exist before and does
+    after): a resumed run keeps the time of the run that did the work."""
+    fresh = not storage.exists(done_marker)
+    t0 = time.perf_counter()
+    out = fn()
+    if fresh and storage.exists(done_marker):
+      self.values.setdefault("seconds", {})[name] = time.perf_counter() - t0
+      storage.write_json(self.path, self.values)
+    return out
 
 
 def check_settings(workdir: str, settings: dict, *, may_change: Sequence[str] = (),
