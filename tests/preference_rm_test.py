@@ -90,6 +90,17 @@ def _random_rm(seed=0):
   return cfg, model, params
 
 
+def _batched(model, params, rows):
+  """The head at the last token of each prompt + text, read from one right-padded batch (a
+  causal model: the padding after a row's end does not change it)."""
+  ids = [TOK.encode(a + b.rstrip("\n"), add_bos=True) for a, b in rows]
+  toks = np.zeros((len(ids), max(map(len, ids))), np.int32)
+  for i, x in enumerate(ids):
+    toks[i, :len(x)] = x
+  logits = np.asarray(model.apply({"params": params}, jnp.asarray(toks)))
+  return np.asarray([logits[i, len(x) - 1] for i, x in enumerate(ids)], np.float64)
+
+
 def _alone(model, params, prompt, text):
   ids = TOK.encode(prompt + text.rstrip("\n"), add_bos=True)
   return float(model.apply({"params": params}, jnp.asarray([ids]))[0, -1])
@@ -103,8 +114,8 @@ def test_bradley_terry_loss_matches_numpy():
   assert cut == 0
   loss, aux = rm.bradley_terry_loss_sums(params, {k: jnp.asarray(v) for k, v in batch.items()},
                                          model=model)
-  margins = [_alone(model, params, p.prompt, p.chosen) - _alone(model, params, p.prompt,
-                                                                p.rejected) for p in pairs]
+  z = _batched(model, params, [(p.prompt, t) for p in pairs for t in (p.chosen, p.rejected)])
+  margins = [z[2 * i] - z[2 * i + 1] for i in range(len(pairs))]
   assert float(loss) == pytest.approx(sum(np.log1p(np.exp(-m)) for m in margins), rel=1e-4)
   assert float(aux["correct"]) == sum(m > 0 for m in margins) and float(aux["tokens"]) == 2
   short, cut = rm.encode_pairs(TOK, pairs, 24)  # a completion's end past seq_len: weight 0
@@ -199,12 +210,7 @@ def test_preference_rm_smoke_resumes_and_reports(tmp_path, monkeypatch):
   kept = [p for i, p in enumerate(train_pairs) if not prm_exp.held_out(p, i)]
   sample = [(p.prompt, t) for p in kept[:prm_exp.TRANSFORM_ROWS // 2]
             for t in (p.chosen, p.rejected)]
-  ids = [TOK.encode(a + b.rstrip("\n"), add_bos=True) for a, b in sample]
-  toks = np.zeros((len(ids), max(map(len, ids))), np.int32)  # right-padded: causal, unchanged
-  for i, x in enumerate(ids):
-    toks[i, :len(x)] = x
-  logits = np.asarray(scorer.model.apply({"params": scorer.params}, jnp.asarray(toks)))
-  z = np.asarray([logits[i, len(x) - 1] for i, x in enumerate(ids)])
+  z = _batched(scorer.model, scorer.params, sample)
   assert meta["notes"]["transform"]["shift"] == pytest.approx(z.mean(), abs=1e-4)
   assert meta["notes"]["transform"]["scale"] == pytest.approx(z.std(), rel=1e-3)
   test_pairs = [json.loads(l) for l in (tmp_path / "test_pairs.jsonl").read_text().splitlines()]
