@@ -184,7 +184,7 @@ def test_ilql_smoke_resumes_and_reports(tmp_path, monkeypatch):
   meta = json.loads((tmp_path / "model/model.json").read_text())
   assert meta["kind"] == "ilql"
   assert [p["step"] for p in report["curve"]] == [0, 2, 4]
-  assert set(report["final"]) == {f"{w}/{s}" for w in ("base", "beta=0", "beta=1")
+  assert set(report["final"]) == {f"{w}/{s}" for w in ("base", "beta=1")
                                   for s in ("in_dist", "ood")}
   assert (tmp_path / "ilql_curve.png").exists()
   monkeypatch.setattr(fit, "fit", lambda *a, **k: pytest.fail("trained again"))
