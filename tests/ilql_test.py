@@ -113,11 +113,12 @@ def test_polyak_targets_and_frozen_blocks():
   # Adam holds moments for the trained leaves only (not targets, not frozen blocks).
   adam = ilql.optimizer(optax.adam(1e-3), alpha=0.1, frozen_layers=1).init(params)
   held = sum(x.size for x in jax.tree.leaves(adam) if hasattr(x, "size") and x.ndim)
-  online = ilql.trainable_mask({**params, "heads": {k: v for k, v in params["heads"].items()
-                                                    if k not in ilql.TARGETS}}, 1)
-  trained = sum(x.size for x, m in zip(jax.tree.leaves(ilql._online(params)),
-                                       jax.tree.leaves(online)) if m)
-  assert held == 2 * trained
+  trained = sum(x.size for x in jax.tree.leaves(ilql._trained(params, 1)))
+  frozen = sum(x.size for k in ("embedding", "layer_0")
+               for x in jax.tree.leaves(params["trunk"][k]))
+  assert trained + frozen + sum(x.size for t in ilql.TARGETS for x in jax.tree.leaves(
+      params["heads"][t])) == sum(x.size for x in jax.tree.leaves(params))
+  assert held == 2 * trained  # Adam's two moments, for the trained leaves only
 
 
 def test_sampling_at_beta_zero_is_the_policy_and_beta_shifts_the_logits():
@@ -153,12 +154,15 @@ def test_ilql_learns_which_action_pays(tmp_path):
   tc.opt.lr, tc.opt.warmup_steps = 3e-3, 5
   model = ilql.ILQLModel(cfg)
   mesh = sharding_lib.make_mesh((-1, 1, 1))
+  init = ilql.init_params(jax.random.PRNGKey(0), _policy_params(cfg), cfg)
+  layer_0 = jax.tree.map(np.asarray, init["trunk"]["layer_0"])
   result = fit.fit(tc, model=model, workdir=str(tmp_path), mesh=mesh,
                    rules=sharding_lib.DEFAULT_RULES,
                    data=pipeline.array_dataset(cols, batch_size=tc.batch_size, seed=0),
-                   objective=ilql.objective(ilql.Hyper(), alpha=0.2),
-                   init_params=ilql.init_params(jax.random.PRNGKey(0), _policy_params(cfg), cfg),
-                   name="toy")
+                   objective=ilql.objective(ilql.Hyper(), alpha=0.2, frozen_layers=1),
+                   init_params=init, name="toy")
+  for a, b in zip(jax.tree.leaves(result.params["trunk"]["layer_0"]), jax.tree.leaves(layer_0)):
+    np.testing.assert_array_equal(np.asarray(a), b)  # frozen through fit: bit-identical
   prompt = jnp.asarray([TOK.encode("Q:", add_bos=True)], jnp.int32)
   logits, out = model.apply({"params": result.params}, prompt, all_heads=True)
   adv = (jnp.minimum(out["target_q1"], out["target_q2"]) - out["v"][..., None])[0, -1]

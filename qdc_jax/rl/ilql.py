@@ -190,42 +190,44 @@ def objective(hyper: Hyper, *, alpha: float, frozen_layers: int = 0) -> train.Ob
 
 
 def _online(tree: dict) -> dict:
-  """The tree without the target heads (what the optimiser steps)."""
+  """The tree without the target heads."""
   return {**tree, "heads": {k: v for k, v in tree["heads"].items() if k not in TARGETS}}
 
 
-def trainable_mask(online: dict, frozen_layers: int) -> dict:
-  """True on leaves the optimiser steps: all but the embeddings and blocks < frozen_layers."""
-  def frozen(path) -> bool:
-    keys = [getattr(p, "key", None) for p in path]
-    if not frozen_layers or keys[0] != "trunk":
-      return False
-    name = keys[1]
-    return name in ("embedding", "pos_embedding") or (
-        name.startswith("layer_") and int(name[len("layer_"):]) < frozen_layers)
-  return jax.tree_util.tree_map_with_path(lambda p, _: not frozen(p), online)
+def _frozen(name: str, frozen_layers: int) -> bool:
+  """Is trunk entry `name` frozen: the embeddings and blocks < frozen_layers (when > 0)."""
+  return bool(frozen_layers) and (name in ("embedding", "pos_embedding") or (
+      name.startswith("layer_") and int(name[len("layer_"):]) < frozen_layers))
+
+
+def _trained(tree: dict, frozen_layers: int) -> dict:
+  """What the optimiser steps: the tree without the target heads and the frozen trunk
+  entries (a plain sub-dict, so the optimiser state holds nothing for them)."""
+  online = _online(tree)
+  return {**online, "trunk": {k: v for k, v in online["trunk"].items()
+                              if not _frozen(k, frozen_layers)}}
 
 
 def optimizer(inner: optax.GradientTransformation, *, alpha: float, frozen_layers: int = 0
               ) -> optax.GradientTransformation:
-  """`inner` on the online parameters (frozen ones get no update and hold no state); each
-  target head moves to (1 - alpha) * itself + alpha * its Q head after the Q head's step."""
-  masked = optax.masked(inner, lambda online: trainable_mask(online, frozen_layers))
+  """`inner` on the trained parameters (frozen ones get a zero update and hold no state);
+  each target head moves to (1 - alpha) * itself + alpha * its Q head after the Q head's
+  step."""
 
   def init(params):
-    return masked.init(_online(params))
+    return inner.init(_trained(params, frozen_layers))
 
   def update(grads, state, params):
-    online = _online(params)
-    upd, state = masked.update(_online(grads), state, online)
-    keep = trainable_mask(online, frozen_layers)
-    upd = jax.tree.map(lambda u, k: u if k else jnp.zeros_like(u), upd, keep)
+    upd, state = inner.update(_trained(grads, frozen_layers), state,
+                              _trained(params, frozen_layers))
+    trunk = {k: upd["trunk"][k] if k in upd["trunk"] else jax.tree.map(jnp.zeros_like, v)
+             for k, v in params["trunk"].items()}
     heads = dict(upd["heads"])
     for target, source in TARGETS.items():
       heads[target] = jax.tree.map(lambda p, du, t: alpha * (p + du - t),
                                    params["heads"][source], upd["heads"][source],
                                    params["heads"][target])
-    return {**upd, "heads": heads}, state
+    return {**upd, "trunk": trunk, "heads": heads}, state
 
   return optax.GradientTransformation(init, update)
 
