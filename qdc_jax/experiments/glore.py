@@ -380,9 +380,8 @@ def run(config, workdir: str) -> dict:
   storage.makedirs(workdir)
   check_settings(config, workdir)
   report_path = storage.join(workdir, "report.json")
-  done = storage.read_json(report_path)
+  done = common.finished_report(workdir, "report.json")
   if done is not None:
-    logging.info("%s exists: this workdir is finished", report_path)
     return done
   t_start = time.time()
   gc = config.glore

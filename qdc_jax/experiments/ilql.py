@@ -109,9 +109,8 @@ def run(config, workdir: str) -> dict:
                   filename=SETTINGS_FILE)
   common.check_settings(**settings, record=False)
   report_path = storage.join(workdir, common.REPORT_FILE)
-  done = storage.read_json(report_path)
+  done = common.finished_report(workdir)
   if done is not None:
-    logging.info("%s exists: this workdir is finished", report_path)
     return done
   t_start = time.time()
   mesh, rules = config_lib.make_mesh(config.mesh)
@@ -163,6 +162,7 @@ def run(config, workdir: str) -> dict:
       stc = ml_collections.ConfigDict(tc.to_dict())
       stc.stop_at_step = end if tc.stop_at_step < 0 else min(end, tc.stop_at_step)
       t0 = time.perf_counter()
+      result = None  # the previous stage's params are in its checkpoint; free them first
       result = fit.fit(stc, model=model, workdir=storage.join(workdir, "train"), mesh=mesh,
                        rules=rules, data=pipeline.array_dataset(cols, batch_size=tc.batch_size,
                                                                 seed=config.seed),

@@ -220,9 +220,8 @@ def run(config, workdir: str) -> dict:
   common.check_settings(workdir, config.to_dict(), may_change=RESUMABLE_KEYS, record=False,
                         filename=SETTINGS_FILE)
   report_path = storage.join(workdir, "report.json")
-  done = storage.read_json(report_path)
+  done = common.finished_report(workdir, "report.json")
   if done is not None:
-    logging.info("%s exists: this workdir is finished", report_path)
     return done
   t_start = time.time()
   mesh, rules = config_lib.make_mesh(config.mesh)

@@ -193,9 +193,8 @@ def run(config, workdir: str) -> dict:
   storage.makedirs(workdir)
   check_settings(config, workdir)
   report_path = storage.join(workdir, common.REPORT_FILE)
-  done = storage.read_json(report_path)
+  done = common.finished_report(workdir)
   if done is not None:
-    logging.info("%s exists: this workdir is finished", report_path)
     return done
   rc, ec, sc = config.rcrl, config.eval, config.sample
   t_start = time.time()

@@ -251,6 +251,15 @@ def resolve_train(tc: ml_collections.ConfigDict, num_records: int) -> ml_collect
   return out
 
 
+def finished_report(workdir: str, filename: str = REPORT_FILE) -> Optional[dict]:
+  """The report a finished run left in `workdir` (re-running it does nothing new), or None."""
+  path = storage.join(workdir, filename)
+  done = storage.read_json(path)
+  if done is not None:
+    logging.info("%s exists: this workdir is finished", path)
+  return done
+
+
 class ResultCache:
   """The results of a resumable experiment's stages, in one JSON file (e.g. glore_evals.json):
   each computed once, written as it lands (atomically; process 0 writes, as every
