@@ -1,5 +1,6 @@
 """Embeddings and exact nearest neighbours: the intrinsic dimension of text (scaling laws)
-reads them, and the QDC measures (embedding dispersion, self-similarity) are to share them.
+reads them, and the QDC measures (embedding dispersion, Vendi score, nearest-neighbour
+distance; `mean_pooled_embeddings`) share them.
 
 `hidden_states` / `sampled_token_embeddings` embed token sequences with any model directory's
 transformer at any layer (the thesis's 1024-token windows, 32 tokens per document).
@@ -182,23 +183,75 @@ def sampled_token_embeddings(params, docs: Sequence[Sequence[int]], *, model,
   return vecs[rng.permutation(len(vecs))]
 
 
+def mean_pooled_embeddings(params, token_lists: Sequence[Sequence[int]], *, model,
+                           layer: Optional[int] = None, batch_size: int = 64,
+                           max_tokens: Optional[int] = None, skip_first: int = 0, mesh=None,
+                           rules=None, param_shardings=None) -> tuple[np.ndarray, int]:
+  """One vector per sequence: its hidden states at `layer` (see `hidden_states`; None = the
+  final layer after the final norm) averaged over its tokens, leaving out the first
+  `skip_first` (e.g. 1 for a BOS token, whose state is the same in every row). The QDC
+  measures' embeddings.
+
+  Sequences longer than `max_tokens` (default: the model's max_len) keep their first
+  max_tokens tokens; the count of truncated ones is returned with the [N, D] float32 array.
+  Batched (`batch_size` rows per jitted call, sorted by length and padded at the end to a
+  multiple of 64 tokens, so only a few shapes compile; the model is causal, so padding after a
+  row's tokens does not change them). On a mesh every process passes the same lists and gets
+  the same array back.
+  """
+  limit = int(max_tokens or model.config.max_len)
+  seqs = [list(t)[:limit] for t in token_lists]
+  if not seqs or any(len(t) <= skip_first for t in seqs):
+    raise ValueError(f"mean_pooled_embeddings needs token lists longer than skip_first="
+                     f"{skip_first}")
+  truncated = sum(len(t) > limit for t in token_lists)
+  fn = _embed_fn(model, layer, mesh, rules, param_shardings, pooled=True, skip=skip_first)
+  min_rows = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+  rows = max(min_rows, -(-min(batch_size, len(seqs)) // min_rows) * min_rows)
+  order = np.argsort([len(t) for t in seqs], kind="stable")
+  out = np.zeros((len(seqs), model.config.d_model), np.float32)
+  for b0 in range(0, len(seqs), rows):
+    idx = order[b0:b0 + rows]
+    width = min(limit, -(-max(len(seqs[i]) for i in idx) // 64) * 64)
+    toks = np.zeros((rows, width), np.int32)
+    lens = np.ones((rows,), np.int32)
+    for r, i in enumerate(idx):
+      toks[r, :len(seqs[i])] = seqs[i]
+      lens[r] = len(seqs[i])
+    if mesh is not None:
+      rules = rules or sharding_lib.DEFAULT_RULES
+      toks, lens = sharding_lib.put_global(toks, mesh, rules), sharding_lib.put_global(
+          lens, mesh, rules)
+    out[idx] = sharding_lib.to_host(fn(params, toks, lens))[:len(idx)]
+  return out, truncated
+
+
 _EMBED_FNS: dict = {}
 
 
-def _embed_fn(model, layer, mesh, rules, param_shardings):
+def _embed_fn(model, layer, mesh, rules, param_shardings, pooled: bool = False, skip: int = 0):
+  """The jitted embedding program: (params, tokens [B, T], at) -> the hidden states at the
+  positions `at` [B, M] (pooled=False), or averaged over positions skip <= t < at [B]
+  (pooled)."""
   key = (model, layer, mesh, None if rules is None else tuple(map(tuple, rules)),
-         sharding_lib.shardings_key(param_shardings))
+         sharding_lib.shardings_key(param_shardings), pooled, skip)
   if key not in _EMBED_FNS:
-    def fn(params, toks_BxT, at_BxM):
+    def fn(params, toks_BxT, at):
       hid = hidden_states(params, toks_BxT, model=model, layer=layer)
-      return jnp.take_along_axis(hid, at_BxM[:, :, None], axis=1)
+      if pooled:
+        pos = jnp.arange(toks_BxT.shape[1])[None, :]
+        mask = ((pos >= skip) & (pos < at[:, None])).astype(jnp.float32)
+        total = jnp.einsum("btd,bt->bd", hid.astype(jnp.float32), mask)
+        return total / jnp.maximum(at - skip, 1)[:, None].astype(jnp.float32)
+      return jnp.take_along_axis(hid, at[:, :, None], axis=1)
 
     if mesh is None:
       _EMBED_FNS[key] = jax.jit(fn)
     else:
       rules = rules or sharding_lib.DEFAULT_RULES
       batch2 = sharding_lib.batch_sharding(mesh, rules, 2)
+      at_sharding = sharding_lib.batch_sharding(mesh, rules, 1) if pooled else batch2
       _EMBED_FNS[key] = sharding_lib.jit_sharded(
-          fn, mesh, rules, in_shardings=(param_shardings, batch2, batch2),
-          out_shardings=sharding_lib.batch_sharding(mesh, rules, 3))
+          fn, mesh, rules, in_shardings=(param_shardings, batch2, at_sharding),
+          out_shardings=sharding_lib.batch_sharding(mesh, rules, 2 if pooled else 3))
   return _EMBED_FNS[key]

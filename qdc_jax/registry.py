@@ -52,6 +52,7 @@ register("experiment", "scaling", "qdc_jax.experiments.scaling:run")
 register("experiment", "glore", "qdc_jax.experiments.glore:run")
 register("experiment", "preference_rm", "qdc_jax.experiments.preference_rm:run")
 register("experiment", "ilql", "qdc_jax.experiments.ilql:run")
+register("experiment", "qdc", "qdc_jax.experiments.qdc:run")
 
 # RL rewards: fn(items, completions, *, tokenizer) -> qdc_jax.rl.rewards.Rewards.
 register("reward", "sparse", "qdc_jax.rl.rewards:sparse")

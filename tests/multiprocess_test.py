@@ -34,7 +34,7 @@ DRIVER = os.path.join(REPO, "tests", "multiprocess_driver.py")
 MESH = "(2, 2, 2)"
 SPECS = ["configs/sparq.py:smoke", "configs/ei.py:smoke", "configs/sft.py:smoke",
          "configs/evaluate.py:smoke", "configs/ppo.py:smoke", "configs/rcrl.py:smoke",
-         "configs/arith_lab.py:smoke"]
+         "configs/arith_lab.py:smoke", "configs/qdc.py:smoke"]
 # Training metrics: f32 sums over 8 devices reduced in another order across processes.
 TRAIN_RTOL = 1e-4
 # A dead peer must end the survivor within this long (heartbeat 10 s, plus shutdown).
@@ -253,6 +253,34 @@ def test_rcrl_rollout_labels_equal(runs):
   assert _bytes(os.path.join(a, "rcrl_train.jsonl")) == _bytes(
       os.path.join(b, "rcrl_train.jsonl"))
   _close_metrics(os.path.join(a, "rcrl_metrics.jsonl"), os.path.join(b, "rcrl_metrics.jsonl"))
+
+
+def _close_tree(a, b, where=""):
+  """Equal JSON trees, floats within 1e-5 (embeddings are reduced across processes)."""
+  if isinstance(a, dict):
+    assert sorted(a) == sorted(b), where
+    for k in a:
+      _close_tree(a[k], b[k], f"{where}.{k}")
+  elif isinstance(a, list):
+    assert len(a) == len(b), where
+    for i, (x, y) in enumerate(zip(a, b)):
+      _close_tree(x, y, f"{where}[{i}]")
+  elif isinstance(a, float):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7, err_msg=where)
+  else:
+    assert a == b, where
+
+
+def test_qdc_measures_equal(runs):
+  one, two, _, _ = runs
+  spec = "configs/qdc.py:smoke"
+  ra = _json(os.path.join(_workdir(one, spec), "report.json"))
+  rb = _json(os.path.join(_workdir(two, spec), "report.json"))
+  assert set(ra["datasets"]) == {"lab_in_dist_24", "lab_ood_24"}
+  for name in ra["datasets"]:  # the student's rollouts exactly; embedding measures closely
+    assert ra["datasets"][name]["measures"]["student_solve_rate"] == rb["datasets"][name][
+        "measures"]["student_solve_rate"]
+  _close_tree(ra, rb)
 
 
 def test_sparq_killed_process_fails_fast_and_resumes_exactly(runs):

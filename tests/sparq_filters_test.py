@@ -39,7 +39,7 @@ def _synthetic_archive(n=4000, seed=0):
 def test_phase2_pairs_one_per_successful_verification():
   items = [_item(0, 0.5, ("a",), sols=("s1", "s2")), _item(1, 0.0, ("a",), sols=("s3",)),
            _item(2, 0.25, ("b",), sols=())]
-  assert Fl.phase2_pairs(items) == [("q0", "s1"), ("q0", "s2")]
+  assert [(it.question, s) for it, s in Fl.phase2_pairs(items)] == [("q0", "s1"), ("q0", "s2")]
 
 
 def test_pool_has_unique_questions_and_positive_quality():
@@ -133,6 +133,6 @@ def test_qd_picks_higher_quality_than_diversity_within_sets():
 
 def test_training_pairs():
   items = [_item(0, 0.5, ("a",), sols=("s1", "s2", "s3"))]
-  assert Fl.training_pairs(items) == [("q0", "s1")]
+  assert Fl.training_pairs(items) == [(items[0], "s1")]
   got = {Fl.training_pairs(items, np.random.default_rng(s))[0][1] for s in range(30)}
   assert got == {"s1", "s2", "s3"}

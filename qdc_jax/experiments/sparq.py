@@ -30,25 +30,12 @@ from qdc_jax import chat
 from qdc_jax import config_lib
 from qdc_jax import fit
 from qdc_jax import metrics_log
-from qdc_jax import model_io
 from qdc_jax import registry
 from qdc_jax import storage
 from qdc_jax.data import arith, lab_tasks
 from qdc_jax.eval import solve
-from qdc_jax.models import transformer
 from qdc_jax.sparq import agents, filters, loop, report, skills
 from qdc_jax.sparq.archive import Archive
-
-
-def _load_lm(model_dir: str, default_asset: str, mesh, rules, tokenizer_path: str = ""):
-  path = model_dir or model_io.asset_path(default_asset)
-  cfg, params, tok, _, shardings = model_io.load_model(path, mesh=mesh, rules=rules)
-  if tokenizer_path:
-    from qdc_jax import tokenizers  # pylint: disable=g-import-not-at-top
-    tok = tokenizers.SentencePieceTokenizer(tokenizer_path)
-  if tok is None:
-    raise ValueError(f"{path} names no tokenizer; set the tokenizer path flag")
-  return agents.LM(transformer.Transformer(cfg), params, tok, mesh, rules, shardings)
 
 
 def _seeds(config) -> list[loop.Seed]:
@@ -108,23 +95,32 @@ def _evaluate(lm, student, sets, config, path, key: dict) -> dict:
   return out
 
 
+PHASE2_FILE = "phase2.jsonl"
+
+
 def phase2_records(items, config, student: agents.LMStudent, exclude_prompts=()
                    ) -> list[dict]:
   """(question, successful solution) training records; questions equal to an evaluation
-  problem are dropped (a mutated child can land on a test problem)."""
+  problem are dropped (a mutated child can land on a test problem). Each record keeps what
+  the archive knows of its item (question, solution, answer, quality, skill_set, item_id), so
+  the phase-2 set written to PHASE2_FILE is a dataset the QDC measures read directly."""
   exclude = set(exclude_prompts)
   children = [it for it in items if it.round > 0 and student.prompt(it.question or "")
               not in exclude]
   fc = config.phase2
   if fc.filter == "none":
-    pairs = filters.phase2_pairs(children)
+    picked = filters.phase2_pairs(children)
   else:
     select = registry.get("filter", fc.filter)
     rng = np.random.default_rng(config.sparq.seed)
     kwargs = {"mean": fc.quality_mean} if fc.filter == "quality" else {}
     selected = select(children, fc.budget, rng, **kwargs)
-    pairs = filters.training_pairs(selected, rng)
-  return [{"prompt": student.prompt(q), "completion": s} for q, s in pairs]
+    picked = filters.training_pairs(selected, rng)
+  return [{"prompt": student.prompt(it.question), "completion": s, "question": it.question,
+           "solution": s, "answer": it.intended_answer, "quality": it.quality,
+           "solve_rate": it.solve_rate, "skill_set": list(it.skill_set), "item_id": it.id,
+           "round": it.round, "strategy": it.strategy}
+          for it, s in picked]
 
 
 def run(config, workdir: str) -> dict:
@@ -132,12 +128,12 @@ def run(config, workdir: str) -> dict:
   mesh, rules = config_lib.make_mesh(config.mesh)
   sc = config.sparq
   t_start = time.time()
-  student_lm = _load_lm(config.student.model_dir, "lab_student", mesh, rules,
+  student_lm = agents.load_lm(config.student.model_dir, "lab_student", mesh, rules,
                         config.student.tokenizer_path)
   if config.generator.same_as_student:  # self-improvement: one model plays both roles
     gen_lm = student_lm
   else:
-    gen_lm = _load_lm(config.generator.model_dir, "lab_generator", mesh, rules,
+    gen_lm = agents.load_lm(config.generator.model_dir, "lab_generator", mesh, rules,
                       config.generator.tokenizer_path)
   if config.prompt_format == "gemma_chat":
     for lm in {id(student_lm): student_lm, id(gen_lm): gen_lm}.values():
@@ -151,7 +147,7 @@ def run(config, workdir: str) -> dict:
     annotator = skills.OracleAnnotator()
   else:
     annotator = agents.LMAnnotator(
-        _load_lm(config.annotator.model_dir, "", mesh, rules, config.annotator.tokenizer_path),
+        agents.load_lm(config.annotator.model_dir, "", mesh, rules, config.annotator.tokenizer_path),
         k=sc.max_skills_per_problem)
   validity = None
   if config.data.seed_source == "lab":
@@ -173,6 +169,7 @@ def run(config, workdir: str) -> dict:
   records = phase2_records(items, config, student,
                            [p for prompts, _, _ in sets.values() for p in prompts])
   logging.info("Phase 2: %d training pairs (filter %s)", len(records), config.phase2.filter)
+  storage.write_rows(storage.join(workdir, PHASE2_FILE), records)
   baseline = _evaluate(student_lm, student, sets, config,
                        storage.join(workdir, "eval_baseline.json"), {"model": "baseline"})
   result = {"baseline": baseline}

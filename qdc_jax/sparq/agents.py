@@ -17,6 +17,7 @@ from typing import Any, Optional, Protocol, Sequence
 import jax
 
 from qdc_jax import chat
+from qdc_jax import model_io
 from qdc_jax import sampling
 from qdc_jax.data import arith, lab_tasks
 from qdc_jax.sparq import prompts as sparq_prompts
@@ -55,6 +56,27 @@ class LM:
                                   batch_size=batch_size, mesh=self.mesh, rules=self.rules,
                                   param_shardings=self.param_shardings, pad_multiple=64,
                                   fixed_batch=True, slots=slots)
+
+
+def student_prompt(question: str, prompt_format: str = "lab") -> str:
+  """What the student (and a reward model scoring its solutions) is shown for a question."""
+  if prompt_format == "lab":
+    return arith.PROMPT_TEMPLATE.format(question=question)
+  return sparq_prompts.student_prompt(question)
+
+
+def load_lm(model_dir: str, default_asset: str, mesh, rules, tokenizer_path: str = "") -> LM:
+  """The LM of a model directory ('' = the shipped asset `default_asset`), on the mesh;
+  `tokenizer_path` replaces the directory's tokenizer with a SentencePiece file."""
+  from qdc_jax.models import transformer  # pylint: disable=g-import-not-at-top
+  path = model_dir or model_io.asset_path(default_asset)
+  cfg, params, tok, _, shardings = model_io.load_model(path, mesh=mesh, rules=rules)
+  if tokenizer_path:
+    from qdc_jax import tokenizers  # pylint: disable=g-import-not-at-top
+    tok = tokenizers.SentencePieceTokenizer(tokenizer_path)
+  if tok is None:
+    raise ValueError(f"{path} names no tokenizer; set the tokenizer path flag")
+  return LM(transformer.Transformer(cfg), params, tok, mesh, rules, shardings)
 
 
 class Generator(Protocol):
@@ -107,9 +129,7 @@ class LMStudent:
   slots: int = 0  # > 0: continuous batching through this many decode rows (same samples)
 
   def prompt(self, question: str) -> str:
-    if self.prompt_format == "lab":
-      return arith.PROMPT_TEMPLATE.format(question=question)
-    return sparq_prompts.student_prompt(question)
+    return student_prompt(question, self.prompt_format)
 
   def reply(self, text: str) -> str:
     return text if self.prompt_format == "lab" else chat.parse_model_reply(text)

@@ -134,15 +134,24 @@ class Archive:
   contents are plain JSON, readable without this code.
   """
 
-  def __init__(self, directory: str):
+  def __init__(self, directory: str, *, read_only: bool = False):
     """Opens (creating if needed) an archive directory and drops uncommitted debris.
+
+    `read_only=True` (readers such as the QDC measures, possibly while a run is still
+    writing): the directory must exist, nothing in it is created, removed or renamed, and
+    only the committed rounds are read.
 
     Raises:
       ArchiveError: a committed round before the last one is damaged, or records disagree
         about item ids.
+      FileNotFoundError: read_only and no such directory.
     """
     self.directory = directory
-    if storage.is_writer():
+    self.read_only = read_only
+    if read_only:
+      if not storage.exists(directory):
+        raise FileNotFoundError(f"No SPARQ archive at {directory}")
+    elif storage.is_writer():
       storage.makedirs(directory)
     # Per committed round: (first_id, num_items, items_bytes, items_sha256).
     self._rounds: list[tuple[int, int, int, str]] = []
@@ -203,6 +212,8 @@ class Archive:
     # Items written whose record never was: the round was never committed.
     debris += [self._items_path(r) for r in item_rounds
                if r >= len(self._rounds) and self._items_path(r) not in damaged]
+    if self.read_only:
+      return
     if storage.is_writer():
       for p in debris:
         if storage.exists(p):
@@ -281,6 +292,8 @@ class Archive:
     Raises:
       ValueError: wrong round, ids or item rounds, or a state that is not JSON.
     """
+    if self.read_only:
+      raise ValueError(f"{self.directory} was opened read-only")
     if round != len(self._rounds):
       raise ValueError(f"Next round to commit is {len(self._rounds)}, got {round}")
     first_id = self.next_id()

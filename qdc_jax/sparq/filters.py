@@ -26,7 +26,7 @@ The filter ablations (thesis 4.3.2) first reduce the archive to a pool with uniq
 
 Ties everywhere are broken by the rng, so results are deterministic given its seed. A budget
 at least the pool size returns the whole pool. Filters return items; `training_pairs` turns
-them into (question, solution) pairs with one successful verification each, as the thesis's
+them into (item, solution) pairs with one successful verification each, as the thesis's
 pool D'_train does.
 """
 
@@ -45,9 +45,9 @@ SkillSet = tuple[str, ...]
 _QUALITY_DECIMALS = 9
 
 
-def phase2_pairs(items: Sequence[ArchiveItem]) -> list[tuple[str, str]]:
-  """(question, solution) for every successful verification of every item with quality > 0."""
-  return [(item.question, s) for item in items
+def phase2_pairs(items: Sequence[ArchiveItem]) -> list[tuple[ArchiveItem, str]]:
+  """(item, solution) for every successful verification of every item with quality > 0."""
+  return [(item, s) for item in items
           if item.quality > 0 and item.question is not None
           for s in item.successful_solutions]
 
@@ -68,14 +68,15 @@ def unique_pool(items: Sequence[ArchiveItem]) -> list[ArchiveItem]:
 
 
 def training_pairs(selected: Sequence[ArchiveItem],
-                   rng: Optional[np.random.Generator] = None) -> list[tuple[str, str]]:
-  """One (question, solution) per item: a random successful verification, or the first one
+                   rng: Optional[np.random.Generator] = None
+                   ) -> list[tuple[ArchiveItem, str]]:
+  """One (item, solution) per item: a random successful verification, or the first one
   if no rng is given."""
   pairs = []
   for item in selected:
     sols = item.successful_solutions
     j = int(rng.integers(0, len(sols))) if rng is not None else 0
-    pairs.append((item.question, sols[j]))
+    pairs.append((item, sols[j]))
   return pairs
 
 
