@@ -26,8 +26,10 @@ INSTALL_REQUIRES = [
 _TORCH = ["torch==2.13.0", "transformers>=4.44"]
 EXTRAS = {
     # scikit-dimension: the reference the intrinsic-dimension estimators are tested against.
+    # nbclient, nbformat, ipykernel: tests/notebooks_test.py runs colabs/*.ipynb in a kernel.
     "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "filelock>=3.12",
-             "scikit-dimension>=0.5"] + _TORCH,
+             "scikit-dimension>=0.5", "nltk>=3.8", "nbclient>=0.10", "nbformat>=5.9",
+             "ipykernel>=6.29"] + _TORCH,
     "full": _TORCH,
 }
 

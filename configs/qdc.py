@@ -12,8 +12,9 @@ round_i/dataset.jsonl, GSM8K / MATH / SVAMP / AIME JSONL or Parquet, any rows wi
 question[/solution/answer], or lab:SPLIT[:N]. Kinds are detected (`--config.data.kinds` to
 name them, one per path). Definitions: qdc_jax/qdc/profile.py.
 
-Args: "" / "lab" (lab in_dist vs ood, student solve rates on; ~1 min on 2 cores) | "gemma"
-(real models from flags) | "smoke" (seconds, for tests).
+Args: "" (default: lab in_dist vs ood, or --config.data.paths; student solve rates opt-in
+with --config.student.enabled) | "lab" (the same with the lab student's solve rates on) |
+"gemma" (real models from flags) | "smoke" (seconds, for tests).
 """
 
 import ml_collections
@@ -67,7 +68,9 @@ def get_config(arg: str = ""):
   c.orm = ml_collections.ConfigDict()
   c.orm.model_dir = ""  # opt-in: a reward-model directory (e.g. GLORE_DIR/orm/model)
 
-  if arg in ("", "lab"):
+  if arg == "":
+    pass
+  elif arg == "lab":
     c.student.enabled = True
     c.student.max_rows = 128
   elif arg == "gemma":

@@ -199,7 +199,7 @@ def mean_pooled_embeddings(params, token_lists: Sequence[Sequence[int]], *, mode
   row's tokens does not change them). On a mesh every process passes the same lists and gets
   the same array back.
   """
-  limit = int(max_tokens or model.config.max_len)
+  limit = int(min(max_tokens or model.config.max_len, model.config.max_len))
   seqs = [list(t)[:limit] for t in token_lists]
   if not seqs or any(len(t) <= skip_first for t in seqs):
     raise ValueError(f"mean_pooled_embeddings needs token lists longer than skip_first="

@@ -1,15 +1,20 @@
 r"""Entry point: `python -m qdc_jax.main --config=configs/X.py --workdir=DIR [--config.a.b=v]`.
 
-Runs `registry.get("experiment", config.experiment)(config, workdir)`.
+Runs `registry.get("experiment", config.experiment)(config, workdir)`. From Python (a driver
+script, a notebook), `run_in_subprocess("configs/X.py:arg", DIR, "--config.a.b=v")` runs the
+same command in a fresh process and streams its log.
 """
 
 from __future__ import annotations
 
+import collections
 import importlib.util
 import logging as py_logging
 import os
+import subprocess
 import sys
 import time
+from typing import IO, Mapping, Optional
 
 import jax
 import numpy as np
@@ -132,6 +137,49 @@ def check_shared_workdir(workdir: str) -> None:
     raise app.UsageError(
         f"--workdir={workdir} is not shared: process(es) {missing} cannot see what process 0 "
         f"wrote there. On several hosts use a gs:// bucket path or a shared filesystem.")
+
+
+class WorkloadError(subprocess.CalledProcessError):
+  """A `run_in_subprocess` workload exited non-zero; the message ends with its last log lines."""
+
+  def __str__(self):
+    return super().__str__() + " Its last lines:\n" + (self.output or "")
+
+
+def run_in_subprocess(config: str, workdir: str, *overrides: str, cwd: Optional[str] = None,
+                      env: Optional[Mapping[str, str]] = None, out: Optional[IO[str]] = None,
+                      tail_lines: int = 40) -> None:
+  """`python -m qdc_jax.main --config=CONFIG --workdir=WORKDIR [OVERRIDES...]` in a fresh
+  process (its own JAX runtime, flags and devices, as from a shell), with this interpreter.
+
+  Its log (stdout and stderr) is written to `out` (default: sys.stdout, i.e. a notebook cell
+  or the caller's log) line by line as it runs.
+
+  Args:
+    config: "configs/X.py[:arg]", relative to `cwd` (default: the current directory).
+    workdir: --workdir.
+    *overrides: further flags, e.g. "--config.train.steps=10".
+    cwd, env: of the process (default: this one's).
+    out: where the log goes.
+    tail_lines: log lines kept for the error.
+
+  Raises:
+    WorkloadError (a subprocess.CalledProcessError): a non-zero exit; `output` holds the last
+      `tail_lines` lines of the log.
+  """
+  cmd = [sys.executable, "-m", "qdc_jax.main", f"--config={config}", f"--workdir={workdir}",
+         *overrides]
+  out = out or sys.stdout
+  tail: collections.deque = collections.deque(maxlen=max(tail_lines, 1))
+  with subprocess.Popen(cmd, cwd=cwd, env=None if env is None else dict(env),
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                        bufsize=1) as proc:
+    for line in proc.stdout:
+      out.write(line)
+      tail.append(line)
+    out.flush()
+  if proc.returncode:
+    raise WorkloadError(proc.returncode, cmd, output="".join(tail))
 
 
 def _load_config(spec: str):

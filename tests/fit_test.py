@@ -91,6 +91,19 @@ def _main(*args):
                         capture_output=True, text=True, timeout=300)
 
 
+def test_run_in_subprocess_streams_the_log_and_raises_with_its_tail(tmp_path):
+  import io
+  from qdc_jax import main
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  log = io.StringIO()
+  with pytest.raises(main.WorkloadError) as e:
+    main.run_in_subprocess("configs/arith_lab.py:smoke", str(tmp_path),
+                           "--config.train.stepz=3", cwd=REPO, env=env, out=log)
+  assert e.value.returncode == 2 and "train.stepz" in log.getvalue()
+  assert "train.stepz" in e.value.output and "train.stepz" in str(e.value)
+  assert isinstance(e.value, subprocess.CalledProcessError)
+
+
 def test_cli_unknown_experiment_and_key_exit_nonzero_naming_them(tmp_path):
   bad_key = _main("--config=configs/arith_lab.py:smoke", f"--workdir={tmp_path}",
                   "--config.train.stepz=3")

@@ -142,3 +142,18 @@ def test_twonn_interval_resamples_points_even_in_one_batch():
   assert len(res.batch_dimensions) == 1
   lo, hi = res.interval
   assert lo < res.dimension < hi and hi - lo > 1e-3
+
+
+def test_of_texts_estimates_per_layer_and_reports_impossible_rows():
+  texts = idim.lab_texts(60)
+  assert len(texts) == 60 and all(t.startswith("Question: ") for t in texts)
+  rows = idim.of_texts(texts, layers=(None, 0), position_buckets=(None, (0, 6)), per_doc=8,
+                       k=5, batch=1000)
+  assert [(r["layer"], r["positions"]) for r in rows] == [
+      (4, None), (4, (0, 6)), (0, None), (0, (0, 6))]
+  final = rows[0]
+  assert final["points"] == 480 and final["batches"] == 1
+  assert 1 < final["interval"][0] <= final["dimension"] <= final["interval"][1] < 128
+  # Positions 0-5 are "Question" for every text: the embedding table gives one vector per
+  # position, every point a duplicate: that row says so and the rest still come.
+  assert "duplicates" in rows[3]["error"]

@@ -166,9 +166,15 @@ def test_archive_reads_children_read_only(tmp_path):
     assert ds.kind == "archive" and ds.name == "work"
     assert [r.question for r in ds.rows] == ["Compute 2 * 3.", "Compute 2 * 3 - 1."]
     assert ds.rows[0].solution.startswith("2*3=6") and ds.rows[1].solution is None
-    assert ds.rows[0].recorded_quality == 0.5 and ds.rows[1].recorded_valid is False
+    assert ds.rows[0].recorded_quality == 0.5 and ds.rows[1].round == 2
     assert ds.dropped == {"unreadable_question": 1}
   assert os.path.exists(os.path.join(d, "round_000003.jsonl.tmp"))  # a reader deletes nothing
+  (tmp_path / "work" / "archive" / "round_000003.jsonl").write_text("uncommitted\n")
+  ro = A.Archive(d, read_only=True)
+  assert ro.rounds_committed() == 3
+  assert os.path.exists(os.path.join(d, "round_000003.jsonl"))
+  with pytest.raises(ValueError, match="read-only"):
+    ro.commit_round(3, [], {})
   with pytest.raises(FileNotFoundError, match="No SPARQ archive"):
     A.Archive(str(tmp_path / "nothing"), read_only=True)
 
@@ -233,6 +239,66 @@ def test_profile_quality_and_complexity_by_hand():
   assert "embedding_dispersion" not in m  # no embeddings given
 
 
+def test_skill_sets_keep_k_and_count_every_skill(monkeypatch):
+  """The LM path's accounting, with a scripted annotator: one vocabulary over all datasets,
+  skill-sets cut to k (the thesis's), every known skill kept for coverage and counts."""
+  from qdc_jax.experiments import qdc as Q  # pylint: disable=g-import-not-at-top
+  from qdc_jax.sparq import agents  # pylint: disable=g-import-not-at-top
+  answers = {"q1": ["Algebra", "geometry", "counting"], "q2": ["algebra", "zzz-once"],
+             "q3": ["algebra", "geometry", "counting", "primes"]}
+
+  class Scripted:
+    def __init__(self, lm, k):
+      del lm, k
+
+    def annotate(self, questions, solutions=None):
+      return [answers[q] for q in questions]
+
+  monkeypatch.setattr(agents, "load_lm", lambda *a, **k: None)
+  monkeypatch.setattr(agents, "LMAnnotator", Scripted)
+  cfg = _config(skills={"annotator": "lm", "model_dir": "x", "k": 2, "num_skills": 4})
+  a = D.Dataset("a", "a", "qa", [D.Row("q1"), D.Row("q2")])
+  b = D.Dataset("b", "b", "qa", [D.Row("q3")])
+  capped, every, source = Q.skill_sets(cfg, [a, b], None, None)
+  assert source == "lm"
+  # Vocabulary by frequency: algebra 3, counting 2, geometry 2, then one of the singletons.
+  assert capped[0][0] == ("algebra", "counting") and capped[1][0] == ("algebra", "counting")
+  assert every[0][0] == ("algebra", "counting", "geometry")
+  assert len(every[1][0]) == 4 or every[1][0] == ("algebra", "counting", "geometry")
+  p = P.profile(b, skill_sets=capped[1], skill_source=source, all_skills=every[1], skill_k=2)
+  assert p["measures"]["skill_coverage"] == 1 and p["measures"]["num_skills"] == len(
+      every[1][0])
+  assert any("more than k=2 skills" in n for n in p["notes"])
+
+
+def _config(**sections):
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location("_qdc_cfg", os.path.join(ROOT, "configs",
+                                                                         "qdc.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config()
+  for sec, values in sections.items():
+    for k, v in values.items():
+      c[sec][k] = v
+  return c
+
+
+def test_max_rows_and_nearest_neighbour_samples_are_seeded_and_stated():
+  from qdc_jax.experiments import qdc as Q  # pylint: disable=g-import-not-at-top
+  cfg = _config(data={"paths": "lab:ood:20,lab:in_dist:7", "max_rows": 6})
+  a, b = Q.load_datasets(cfg)
+  assert len(a.rows) == 6 and len(b.rows) == 6
+  assert [r.question for r in a.rows] == [r.question for r in Q.load_datasets(cfg)[0].rows]
+  assert a.notes == ["a seeded sample of 6 of its 20 rows"]
+  x = np.random.default_rng(0).normal(size=(6, 5))
+  p = P.profile(a, skill_sets=None, skill_source="none", embeddings=x, nn_rows=np.array([0, 2, 5]))
+  assert [v is not None for v in p["rows"]["nn_distance"]] == [1, 0, 1, 0, 0, 1]
+  assert any("sample of 3 of 6" in n for n in p["notes"])
+  with pytest.raises(ValueError, match="lab:SPLIT"):
+    D.load("lab:ood:abc")
+
+
 def test_coverage_over_rounds_counts_new_skill_sets():
   rows = [D.Row("q", round=1), D.Row("q", round=1), D.Row("q", round=2), D.Row("q", round=3)]
   ds = D.Dataset("a", "a", "archive", rows)
@@ -274,13 +340,28 @@ def test_qdc_smoke_on_archive_gsm8k_and_lab_resumes(tmp_path):
   # A finished workdir returns its report; a killed one (no report.json yet) reuses the
   # profiles it had cached: a planted value comes back instead of being recomputed.
   cache = json.loads((work / "qdc_profiles.json").read_text())
-  cache["gsm"]["measures"]["distinct_1"] = 0.123456
+  gsm_key = next(k for k in cache if k.startswith("gsm@"))
+  cache[gsm_key]["measures"]["distinct_1"] = 0.123456
   (work / "qdc_profiles.json").write_text(json.dumps(cache))
   os.remove(work / "report.json")
   r = _main(work, paths, "--config.skills.annotator=oracle")
   assert r.returncode == 0, r.stderr[-3000:]
   rep2 = json.loads((work / "report.json").read_text())
   assert rep2["datasets"]["gsm"]["measures"]["distinct_1"] == 0.123456
+  # A dataset that changed is measured again, finished report or not; the others are not.
+  with open(gsm, "a") as f:
+    f.write(json.dumps({"question": "Ann has 9 pens and loses 4. How many?",
+                        "answer": "9-4=<<9-4=5>>5\n#### 5"}) + "\n")
+  planted = json.loads((work / "qdc_profiles.json").read_text())
+  lab_key = next(k for k in planted if k.startswith("lab_ood_8@"))
+  planted[lab_key]["measures"]["distinct_1"] = 0.654321
+  (work / "qdc_profiles.json").write_text(json.dumps(planted))
+  r = _main(work, paths, "--config.skills.annotator=oracle")
+  assert r.returncode == 0, r.stderr[-3000:]
+  rep3 = json.loads((work / "report.json").read_text())["datasets"]
+  assert rep3["gsm"]["measures"]["rows"] == 7
+  assert rep3["gsm"]["measures"]["distinct_1"] != 0.123456
+  assert rep3["lab_ood_8"]["measures"]["distinct_1"] == 0.654321
   # Other settings on the same workdir are refused, naming what changed.
   r = _main(work, f"--config.data.paths={gsm}", "--config.skills.annotator=oracle")
   assert r.returncode != 0 and "data.paths" in r.stderr

@@ -408,6 +408,26 @@ def test_report_tables_and_plots(tmp_path):
     report.load_runs([f"X={tmp_path / 'missing'}"])
 
 
+def test_committed_results_redraw_the_committed_tables(tmp_path):
+  from qdc_jax.rl import report
+  results = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
+                         "results")
+  runs = report.load_results(results)  # the directory, or the file itself
+  assert runs == report.load_results(os.path.join(results, "rl_runs.json"))
+  assert runs[0][0] == "SFT student (shipped)" and len(runs) == len(dict(runs))
+  with open(os.path.join(results, "rl_tables.md")) as f:
+    assert report.tables(runs) == f.read()
+  # Runs of another K beside them: the columns say maj@k and each row names its own K.
+  other = dict(runs[0][1], k=4, final={"in_dist": {"maj@1": 0.5, "maj@4": 0.25,
+                                                   "pass@4": 0.75}})
+  mixed = report.tables(runs[:1] + [("Smoke", other)])
+  assert "| model | maj@1 | maj@k | pass@k |" in mixed
+  assert "| SFT student (shipped) (k=16) | 0.180 | 0.203 | 0.500 |" in mixed
+  assert "| Smoke (k=4) | 0.500 | 0.250 | 0.750 |" in mixed
+  with pytest.raises(FileNotFoundError, match="rl_runs.json does not exist"):
+    report.load_results(str(tmp_path))
+
+
 @pytest.mark.parametrize("kw", SPECS + [dict(value_layers=3)])
 def test_forward_at_init_equals_the_plain_model(kw):
   """Policy and reference log-probs are the model's; at init the value branch copies the

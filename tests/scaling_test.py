@@ -297,6 +297,27 @@ def test_scaling_smoke_writes_reports_and_resumes_without_rerunning(tmp_path, mo
     scaling.run(c, str(tmp_path))
 
 
+def test_committed_results_load_refit_and_table(tmp_path):
+  from qdc_jax.scaling import laws, report
+  results = report.load(os.path.join(REPO, "docs", "results", "scaling_full"))
+  fit_again = report.fits(results)  # the committed fits follow from the committed runs
+  for name, f in results["fits"]["data"].items():
+    assert fit_again["data"][name]["alpha"] == pytest.approx(f["alpha"], rel=1e-9)
+  assert fit_again["width"]["alpha"] == pytest.approx(results["fits"]["width"]["alpha"])
+  table = report.exponents_markdown(results, fit_again)
+  for name in results["corpora"]:
+    assert f"| {name} | {fit_again['data'][name]['alpha']:.3f} +- " in table
+  assert "## Model-size exponent (figure 2.3)" in table
+  manifold_table = report.manifold_markdown(fit_again)
+  assert manifold_table.count("\n| ") == len(fit_again["manifold"]) + 1
+  assert report.manifold_markdown({**fit_again, "manifold": {}}) == ""
+  assert report.table_2_1_markdown(laws.table_2_1()).count("| GPT-2 |") == 2
+  made = report.plots(str(tmp_path), results, fit_again)
+  assert made == ["loss_vs_data.png", "id_ablations.png", "loss_vs_params.png", "manifold.png"]
+  with pytest.raises(FileNotFoundError, match="not a finished scaling workdir"):
+    report.load(str(tmp_path))
+
+
 def test_scaling_config_presets_build_and_validate():
   for arg in ("", "lab_full", "gpt2", "smoke"):
     c = scaling_config.get_config(arg)

@@ -1,4 +1,5 @@
 """SPARQ metrics: per-round summaries and cumulative archive totals."""
+import dataclasses
 import json
 
 import numpy as np
@@ -8,10 +9,10 @@ from qdc_jax.sparq import metrics as M
 from qdc_jax.sparq.archive import ArchiveItem
 
 
-def _item(i, quality=0.0, skill_set=(), valid=None, parse_error=""):
-  return ArchiveItem(id=i, parent_id=0, round=1, strategy="t", question="q",
+def _item(i, quality=0.0, skill_set=(), valid=None, parse_error="", round_=1, solve_rate=0.0):
+  return ArchiveItem(id=i, parent_id=0, round=round_, strategy="t", question="q",
                      intended_answer="1", quality=quality, skill_set=skill_set, valid=valid,
-                     parse_error=parse_error)
+                     parse_error=parse_error, solve_rate=solve_rate)
 
 
 ITEMS = [
@@ -63,3 +64,39 @@ def test_cumulative_equals_summary_of_everything_and_round_trips():
     stats = M.ArchiveStats.from_json(json.loads(json.dumps(stats.to_json())))
     assert stats.summary() == M.summarize(items[:30 * (r + 1)])
   assert flat["archive/problems"] == 300
+
+
+def test_by_round_is_the_loops_round_and_cumulative_without_the_seeds():
+  seeds = [_item(100 + i, 1.0, ("seed",), round_=0) for i in range(3)]
+  rounds = [ITEMS[:3], ITEMS[3:5], ITEMS[5:]]
+  items = seeds + [dataclasses.replace(it, round=r + 1) for r, batch in enumerate(rounds)
+                   for it in batch]
+  rows = M.by_round(list(reversed(items)))  # any order in, rounds in order out
+  assert [r["round"] for r in rows] == [1, 2, 3]
+  stats = M.ArchiveStats()
+  for row, batch in zip(rows, rounds):
+    want, stats = M.round_and_cumulative(
+        stats, [dataclasses.replace(it, round=row["round"]) for it in batch])
+    assert row == {"round": row["round"], **want}
+  # By hand: coverage (a, b), (c) after round 1, + (d) in round 3; QD-score 0.75, then 1.0.
+  assert [r["archive/unique_skill_sets"] for r in rows] == [2, 2, 3]
+  assert [r["archive/qd_score"] for r in rows] == pytest.approx([0.75, 0.75, 1.0])
+  assert [r["round/problems"] for r in rows] == [3, 2, 2]
+  assert M.children(items) == [it for it in items if it.round > 0]
+  assert M.by_round(seeds) == []
+
+
+def test_niches_group_by_skill_set_best_first_and_sum_to_the_qd_score():
+  items = ITEMS + [_item(7, 0.5, ("c",), solve_rate=0.5), _item(8, 0.5, ("c",), solve_rate=0.75)]
+  ns = M.niches(items, per_niche=2)
+  assert [n.skill_set for n in ns] == [("a", "b"), ("c",), ("d",)]  # 0.75, then 0.5 > 0.25
+  ab, c, d = ns
+  assert (ab.count, ab.best_quality, ab.mean_quality, ab.num_quality_positive) == (
+      2, 0.75, pytest.approx(0.625), 2)
+  assert [it.id for it in ab.examples] == [1, 0]
+  # Ties on quality: the higher solve rate first; at most per_niche examples.
+  assert [it.id for it in c.examples] == [8, 7] and c.count == 3
+  assert [it.id for it in d.examples] == [5]
+  assert sum(n.best_quality for n in ns) == pytest.approx(M.qd_score(items))
+  assert len(ns) == M.summarize(items)["unique_skill_sets"]
+  assert M.niches([_item(0)]) == []  # the empty skill-set is no niche

@@ -847,10 +847,16 @@ class Problem:
   @classmethod
   def from_record(cls, record: Mapping[str, str]) -> 'Problem':
     """Inverse of ``to_record`` (the completion is recomputed, not trusted)."""
-    m = _PROMPT_RE.fullmatch(record['prompt'])
-    if m is None:
+    question = prompt_question(record['prompt'])
+    if question is None:
       raise ParseError('prompt does not follow PROMPT_TEMPLATE')
-    return problem_from_text(m['q'])
+    return problem_from_text(question)
+
+
+def prompt_question(prompt: str) -> Optional[str]:
+  """The question inside a ``PROMPT_TEMPLATE`` prompt; None for any other prompt."""
+  m = _PROMPT_RE.fullmatch(prompt)
+  return m['q'] if m else None
 
 
 _PROMPT_RE = re.compile(

@@ -23,6 +23,8 @@ mesh (global arrays in, replicated results back); process 0 writes.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import time
 
 import jax
@@ -78,8 +80,19 @@ def load_datasets(config) -> list[datasets_lib.Dataset]:
   return out
 
 
+def fingerprint(sets: list[datasets_lib.Dataset]) -> str:
+  """What the datasets hold (their rows' question, solution and answer): a cached result is
+  reused only for the same rows, so a file rewritten or an archive grown is measured again."""
+  h = hashlib.sha256()
+  for d in sets:
+    h.update(json.dumps([d.name, d.kind, [(r.question, r.solution, r.answer) for r in d.rows]]
+                        ).encode())
+  return h.hexdigest()[:16]
+
+
 def skill_sets(config, sets: list[datasets_lib.Dataset], mesh, rules):
-  """(per dataset: its rows' skill-sets or None, the source name)."""
+  """(per dataset: its rows' skill-sets of at most k skills, or None; per dataset: every known
+  skill of each row, or None; the source name)."""
   sc = config.skills
   kind = sc.annotator
   if kind not in ANNOTATORS:
@@ -92,22 +105,40 @@ def skill_sets(config, sets: list[datasets_lib.Dataset], mesh, rules):
     logging.info("skills.annotator=auto -> %s (%.0f%% of questions in the lab language)",
                  kind, 100 * lab)
   if kind == "none":
-    return [None] * len(sets), kind
+    return [None] * len(sets), [None] * len(sets), kind
   if kind == "recorded":
-    return [[tuple(r.skill_set or ()) for r in d.rows] for d in sets], kind
+    return [[tuple(r.skill_set or ()) for r in d.rows] for d in sets], [None] * len(sets), kind
   if kind == "oracle":
     ann = skills_lib.OracleAnnotator().annotate([r.question for r in rows])
   else:
+    if not sc.model_dir:
+      raise ValueError("--config.skills.annotator=lm needs --config.skills.model_dir (an "
+                       "instruction model directory)")
     lm = agents.load_lm(sc.model_dir, "", mesh, rules, sc.tokenizer_path)
     ann = agents.LMAnnotator(lm, k=sc.k).annotate([r.question for r in rows],
                                                   [r.solution for r in rows])
   vocab = skills_lib.SkillVocabulary.from_seed(ann, m=sc.num_skills)
   flat, _ = skills_lib.skill_sets_of(vocab, ann, k=sc.k)
-  out, at = [], 0
+  full = [tuple(sorted(vocab.split(a)[0])) for a in ann]
+  capped, every, at = [], [], 0
   for d in sets:
-    out.append(flat[at:at + len(d.rows)])
+    capped.append(flat[at:at + len(d.rows)])
+    every.append(full[at:at + len(d.rows)])
     at += len(d.rows)
-  return out, kind
+  return capped, every, kind
+
+
+def cached_skill_sets(cache: common.ResultCache, config, sets, mesh, rules):
+  """`skill_sets`, computed once: they need every dataset at once (one vocabulary) and an LM
+  annotator is costly, so a resumed run reads them back (keyed by the rows of all datasets)."""
+  capped, every, source = cache.get(f"skills@{fingerprint(sets)}",
+                                    functools.partial(skill_sets, config, sets, mesh, rules),
+                                    describe=lambda v: f"annotator {v[2]}")
+
+  def tuples(per_dataset):  # JSON gives lists back
+    return [None if s is None else [tuple(x) for x in s] for s in per_dataset]
+
+  return tuples(capped), tuples(every), source
 
 
 def _texts(ds: datasets_lib.Dataset, field: str) -> list[str]:
@@ -115,7 +146,7 @@ def _texts(ds: datasets_lib.Dataset, field: str) -> list[str]:
     raise ValueError(f"--config.embed.field={field!r}; choose one of {FIELDS}")
   if field == "question":
     return [r.question for r in ds.rows]
-  if field == "solution":
+  if field == "solution":  # a row without a solution is embedded by its question (noted)
     return [r.solution or r.question for r in ds.rows]
   return [r.question + "\n" + (r.solution or "") for r in ds.rows]
 
@@ -128,6 +159,9 @@ def embeddings(config, ds, lm) -> tuple[np.ndarray, np.ndarray]:
       batch_size=ec.batch_size, max_tokens=ec.max_tokens or None, skip_first=1, mesh=lm.mesh,
       rules=lm.rules,
       param_shardings=lm.param_shardings)
+  if ec.field == "solution" and any(r.solution is None for r in ds.rows):
+    ds.notes.append(f"embeddings: {sum(r.solution is None for r in ds.rows)} rows without a "
+                    f"solution embedded by their question")
   if truncated:
     ds.notes.append(f"embeddings: {truncated} rows cut to their first {ec.max_tokens or 'max_len'} "
                     f"tokens")
@@ -150,7 +184,7 @@ def student_rates(config, ds, student: agents.LMStudent) -> dict:
                        jax.random.PRNGKey(config.seed)) if rows else []
   ver = [quality.verify(o, ds.rows[i].answer, sc.t_low, sc.t_high) for i, o in zip(rows, outs)]
   return {"rows": [int(i) for i in rows], "solve_rate": [v.solve_rate for v in ver],
-          "quality": [v.quality for v in ver], "k": sc.k}
+          "quality": [v.quality for v in ver], "k": sc.k, "eligible": len(with_answer)}
 
 
 def orm_scores(config, ds, scorer) -> list:
@@ -164,14 +198,15 @@ def orm_scores(config, ds, scorer) -> list:
   return out
 
 
-def measure(config, ds, skill, source, emb_lm, student, scorer) -> dict:
+def measure(config, ds, skill, every, source, emb_lm, student, scorer) -> dict:
   """The profile of one dataset, with the model-made parts computed first."""
   t0 = time.perf_counter()
   vecs, nn_rows = embeddings(config, ds, emb_lm) if emb_lm is not None else (None, None)
   rates = student_rates(config, ds, student) if config.student.enabled else None
   orm = orm_scores(config, ds, scorer) if scorer is not None else None
-  p = profile_lib.profile(ds, skill_sets=skill, skill_source=source, embeddings=vecs,
-                          nn_rows=nn_rows, student=rates, orm_scores=orm)
+  p = profile_lib.profile(ds, skill_sets=skill, skill_source=source, all_skills=every,
+                          skill_k=config.skills.k, embeddings=vecs, nn_rows=nn_rows,
+                          student=rates, orm_scores=orm)
   p["seconds"] = time.perf_counter() - t0
   return p
 
@@ -181,15 +216,20 @@ def run(config, workdir: str) -> dict:
                               "student.enabled"])
   storage.makedirs(workdir)
   common.check_settings(workdir, config.to_dict(), record=False, filename=SETTINGS_FILE)
-  done = common.finished_report(workdir, REPORT)
-  if done is not None:
-    return done
   t_start = time.time()
-  mesh, rules = config_lib.make_mesh(config.mesh)
   sets = load_datasets(config)
+  data_fp = fingerprint(sets)
+  done = common.finished_report(workdir, REPORT)
+  if done is not None and done.get("fingerprint") == data_fp:
+    return done
+  if done is not None:
+    logging.info("The datasets changed since %s was written: measuring again (unchanged ones "
+                 "come from the cache)", REPORT)
+  mesh, rules = config_lib.make_mesh(config.mesh)
   common.check_settings(workdir, config.to_dict(), filename=SETTINGS_FILE)
   logging.info("QDC of %s", ", ".join(f"{d.name} ({d.kind}, {len(d.rows)} rows)" for d in sets))
-  sk, source = skill_sets(config, sets, mesh, rules)
+  cache = common.ResultCache(storage.join(workdir, CACHE))
+  sk, every, source = cached_skill_sets(cache, config, sets, mesh, rules)
   ec, sc = config.embed, config.student
   emb_lm = None
   if ec.model_dir != "none":
@@ -202,11 +242,12 @@ def run(config, workdir: str) -> dict:
   if config.orm.model_dir:
     from qdc_jax.rl import reward_models  # pylint: disable=g-import-not-at-top
     scorer = reward_models.load(config.orm.model_dir, mesh=mesh, rules=rules)
-  cache = common.ResultCache(storage.join(workdir, CACHE))
   profiles, info = {}, {}
-  for ds, skill in zip(sets, sk):
+  for ds, skill, all_skills in zip(sets, sk, every):
     profiles[ds.name] = cache.get(
-        ds.name, functools.partial(measure, config, ds, skill, source, emb_lm, student, scorer),
+        f"{ds.name}@{fingerprint([ds])}",
+        functools.partial(measure, config, ds, skill, all_skills, source, emb_lm, student,
+                          scorer),
         describe=lambda p: f"{p['n']} rows, {p['seconds']:.1f} s")
     info[ds.name] = {"path": ds.path, "kind": ds.kind,
                      "coverage": (profile_lib.coverage_over_rounds(ds, skill)
@@ -214,6 +255,7 @@ def run(config, workdir: str) -> dict:
                      "downstream": datasets_lib.downstream_scores(ds.path)}
   report = report_lib.write(workdir, profiles, info, config.to_dict())
   report["seconds"] = time.time() - t_start
+  report["fingerprint"] = data_fp
   storage.write_json(storage.join(workdir, REPORT), report)
   logging.info("Wrote %s", storage.join(workdir, "report.md"))
   return report

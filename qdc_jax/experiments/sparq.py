@@ -174,7 +174,10 @@ def run(config, workdir: str) -> dict:
                        storage.join(workdir, "eval_baseline.json"), {"model": "baseline"})
   result = {"baseline": baseline}
   if records:
-    records_hash = hashlib.sha256(json.dumps(records).encode()).hexdigest()[:16]
+    # The training pairs alone key the distillation (the records' other fields describe them).
+    records_hash = hashlib.sha256(json.dumps(
+        [{"prompt": r["prompt"], "completion": r["completion"]} for r in records]
+    ).encode()).hexdigest()[:16]
     tc = config.distill
     if tc.steps < 0:  # -1: one epoch over the phase-2 pairs (the thesis's setting)
       tc = ml_collections.ConfigDict(tc.to_dict())

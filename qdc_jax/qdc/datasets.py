@@ -32,14 +32,16 @@ import os
 import re
 from typing import Optional
 
+import jax
+import numpy as np
+
 from qdc_jax import storage
 from qdc_jax.data import answers, arith, jsonl, lab_tasks, math_tasks
 from qdc_jax.sparq.archive import Archive
 
 KINDS = ("auto", "archive", "phase2", "records", "qa", "lab") + math_tasks.DATASETS
 PHASE2_KEYS = ("question", "solution", "item_id", "quality")
-_TEMPLATE_RE = re.compile(
-    re.escape(arith.PROMPT_TEMPLATE).replace(re.escape("{question}"), "(?P<q>.*)"), re.DOTALL)
+_GLOB_CHARS = "*?["
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +54,6 @@ class Row:
   skill_set: Optional[tuple[str, ...]] = None
   recorded_quality: Optional[float] = None
   recorded_solve_rate: Optional[float] = None
-  recorded_valid: Optional[bool] = None
   round: Optional[int] = None
 
 
@@ -73,10 +74,23 @@ def _archive_dir(path: str) -> Optional[str]:
   return None
 
 
-def _json_rows(path: str) -> list[tuple[str, dict]]:
-  """(where, row) for every object row of a JSONL or Parquet file."""
+def _files(path: str) -> list[str]:
+  if any(c in path for c in _GLOB_CHARS):
+    files = storage.glob(path)
+    if not files:
+      raise FileNotFoundError(f"No dataset files match {path} (set --config.data.paths)")
+    return files
   if not storage.is_file(path):
     raise FileNotFoundError(f"No such dataset file: {path} (set --config.data.paths)")
+  return [path]
+
+
+def _json_rows(path: str) -> list[tuple[str, dict]]:
+  """(where, row) for every object row of a JSONL or Parquet file (or glob of shards)."""
+  files = _files(path)
+  if len(files) > 1:
+    return [x for f in files for x in _json_rows(f)]
+  path = files[0]
   if path.lower().endswith((".parquet", ".pq")):
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
     with storage.path(path).open("rb") as fh:
@@ -135,11 +149,6 @@ def detect_kind(path: str) -> str:
   return "qa"
 
 
-def _question_of_prompt(prompt: str) -> str:
-  m = _TEMPLATE_RE.fullmatch(prompt)
-  return m["q"] if m else prompt
-
-
 def _default_name(path: str, kind: str) -> str:
   if kind == "lab":
     return path.replace(":", "_")
@@ -169,8 +178,10 @@ def load(path: str, kind: str = "auto", name: str = "") -> Dataset:
   dropped: dict = {}
   if kind == "lab":
     parts = path.split(":")
-    if len(parts) not in (2, 3) or parts[0] != "lab":
-      raise ValueError(f"A lab dataset is 'lab:SPLIT[:N]' (e.g. lab:ood:256), got {path!r}")
+    if (len(parts) not in (2, 3) or parts[0] != "lab" or parts[1] not in ("in_dist", "ood")
+        or (len(parts) == 3 and not parts[2].isdigit())):
+      raise ValueError(f"A lab dataset is 'lab:SPLIT[:N]' with SPLIT in_dist or ood and N "
+                       f"rows (e.g. lab:ood:256), got {path!r}")
     n = int(parts[2]) if len(parts) == 3 else 256
     rows = [Row(p.text, p.solution, str(p.answer)) for p in lab_tasks.test_problems(parts[1], n)]
   elif kind == "archive":
@@ -178,15 +189,22 @@ def load(path: str, kind: str = "auto", name: str = "") -> Dataset:
     if d is None:
       raise FileNotFoundError(f"No SPARQ archive at {path} (nor {path}/archive)")
     rows = []
-    for it in Archive(d, read_only=True).load_items():
+    arch = Archive(d, read_only=True)
+    # A running SPARQ job may commit a round while the processes list the archive: every
+    # process reads the rounds process 0 saw, so all measure the same rows.
+    committed = arch.rounds_committed()
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      committed = int(multihost_utils.broadcast_one_to_all(np.int32(committed)))
+    for it in arch.load_items(range(committed)):
       if it.round == 0:
         continue
-      if it.question is None:
+      if not (it.question or "").strip():
         dropped["unreadable_question"] = dropped.get("unreadable_question", 0) + 1
         continue
       sol = it.successful_solutions[0] if it.successful_solutions else None
       rows.append(Row(it.question, sol, it.intended_answer, tuple(it.skill_set), it.quality,
-                      it.solve_rate, it.valid, it.round))
+                      it.solve_rate, it.round))
   elif kind == "phase2":
     rows = []
     for where, r in _json_rows(path):
@@ -195,9 +213,10 @@ def load(path: str, kind: str = "auto", name: str = "") -> Dataset:
       skill_set = r.get("skill_set")
       rows.append(Row(q, s, _field(where, r, ("answer",), kind, required=False),
                       tuple(skill_set) if isinstance(skill_set, list) else None,
-                      r.get("quality"), r.get("solve_rate"), None, r.get("round")))
+                      r.get("quality"), r.get("solve_rate"), r.get("round")))
   elif kind == "records":
-    rows = [Row(_question_of_prompt(r["prompt"]), r["completion"])
+    _files(path)  # a missing file names --config.data.paths
+    rows = [Row(arith.prompt_question(r["prompt"]) or r["prompt"], r["completion"])
             for r in jsonl.read_records(path)]
   elif kind in math_tasks.DATASETS:
     rows = [Row(e.question, _with_answer_line(e.solution, e.answer), e.answer)
@@ -207,6 +226,10 @@ def load(path: str, kind: str = "auto", name: str = "") -> Dataset:
                 _field(w, r, ("solution", "completion", "response"), kind, required=False),
                 _field(w, r, ("answer",), kind, required=False))
             for w, r in _json_rows(path)]
+  empty = [i for i, r in enumerate(rows) if not r.question.strip()]
+  if empty:
+    raise ValueError(f"{path} ({kind}): {len(empty)} rows have an empty question (first: row "
+                     f"{empty[0] + 1}); drop them from the file")
   if not rows:
     raise ValueError(f"{path} ({kind}) has no usable rows (dropped: {dropped})")
   return Dataset(name, path, kind, rows, dropped)

@@ -14,17 +14,16 @@ Diversity of embeddings (rows are unit-normalised first; cosine geometry):
   vendi           the Vendi score (Friedman & Dieng 2023) of the cosine kernel K = U U^T / N:
                   exp of the entropy of its eigenvalues, which are those of U^T U / N (D x D),
                   so exact at any N in O(N D^2).
-  nn_distance     mean cosine distance to the nearest other row (`embed.knn`, blocked exact
-                  neighbours), on a seeded sample of at most `max_rows` rows (stated by the
-                  caller): low values mean near-duplicates.
+  nn_distance     per row, the cosine distance to the nearest other row (`embed.knn`,
+                  blocked exact neighbours; the caller samples rows for very large sets and
+                  says so): low values mean near-duplicates.
+Zero vectors have no direction: the embedding measures refuse them.
 Tokenisation for the text measures is `words`: lower-cased runs of letters/digits and single
 punctuation marks.
 """
 
 from __future__ import annotations
 
-import bisect
-import collections
 import math
 import re
 from typing import Optional, Sequence
@@ -61,62 +60,68 @@ def distinct_n(token_lists: Sequence[Sequence[str]], n: int) -> Optional[float]:
 def self_bleu_per_row(token_lists: Sequence[Sequence[str]], max_n: int = 4) -> np.ndarray:
   """BLEU-`max_n` of each row against all the other rows (uniform weights, method1
   smoothing: nltk's `sentence_bleu(others, row, smoothing_function=method1)`). Needs at least
-  two rows; a row with no tokens scores 0 (nltk's brevity penalty for an empty hypothesis)."""
+  two rows; a row with no tokens scores 0 (nltk's brevity penalty for an empty hypothesis).
+
+  Vectorised and exact: n-grams become integer ids level by level (an (n-1)-gram's id and the
+  next token); then per (n-gram, row) counts, and per n-gram its largest count, the row
+  holding it and the second largest: the clip count against "every row but this one" is the
+  second largest for the holder, the largest for every other row. The closest other length
+  comes from the sorted lengths with the row's own length taken out once."""
   n_rows = len(token_lists)
   if n_rows < 2:
     raise ValueError(f"self-BLEU needs at least 2 rows, got {n_rows}")
-  # For each n-gram: its largest per-row count, the row holding it, and the second largest.
-  top: dict[tuple, list] = {}
-  per_row_counts = []
-  for r, toks in enumerate(token_lists):
-    counts = collections.Counter(g for n in range(1, max_n + 1) for g in _ngrams(toks, n))
-    per_row_counts.append(counts)
-    for g, c in counts.items():
-      t = top.get(g)
-      if t is None:
-        top[g] = [c, r, 0]
-      elif c > t[0]:
-        top[g] = [c, r, t[0]]
-      elif c > t[2]:
-        t[2] = c
-  lengths = sorted(len(t) for t in token_lists)
-  out = np.zeros(n_rows, np.float64)
-  for r, toks in enumerate(token_lists):
-    c_len = len(toks)
-    if c_len == 0:
-      continue
-    num, den = [0] * (max_n + 1), [0] * (max_n + 1)
-    for g, c in per_row_counts[r].items():
-      best, where, second = top[g]
-      clip = second if where == r else best
-      num[len(g)] += min(c, clip)
-      den[len(g)] += c
-    if num[1] == 0:
-      continue  # nltk: no matching unigram -> 0
-    # Closest other row's length (ties: the shorter), with this row's own length removed.
-    ref = _closest_other_length(lengths, c_len)
-    bp = 1.0 if c_len > ref else math.exp(1.0 - ref / c_len)
-    logs = []
-    for n in range(1, max_n + 1):
-      d = max(1, den[n])
-      p = num[n] / d if num[n] else BLEU_EPSILON / d
-      logs.append(math.log(p) / max_n)
-    out[r] = bp * math.exp(math.fsum(logs))
-  return out
-
-
-def _closest_other_length(sorted_lengths: list[int], own: int) -> int:
-  """The length in `sorted_lengths` minus one copy of `own` closest to `own` (ties: shorter)."""
-  i = bisect.bisect_left(sorted_lengths, own)
-  # sorted_lengths[i] == own is this row; another row of the same length sits next to it.
-  if i + 1 < len(sorted_lengths) and sorted_lengths[i + 1] == own:
-    return own
-  cands = []
-  if i > 0:
-    cands.append(sorted_lengths[i - 1])
-  if i + 1 < len(sorted_lengths):
-    cands.append(sorted_lengths[i + 1])
-  return min(cands, key=lambda x: (abs(x - own), x))
+  vocab: dict = {}
+  flat = np.asarray([vocab.setdefault(t, len(vocab)) for toks in token_lists for t in toks],
+                    np.int64)
+  lengths = np.asarray([len(t) for t in token_lists], np.int64)
+  row_all = np.repeat(np.arange(n_rows, dtype=np.int64), lengths)
+  num = np.zeros((max_n, n_rows))
+  den = np.zeros((max_n, n_rows))
+  total = len(flat)
+  gram = flat  # id of the n-gram starting at each position; -1 where it leaves its row
+  for n in range(1, max_n + 1):
+    if n > 1:
+      m = total - n + 1
+      if m <= 0:
+        break
+      prev = gram[:m]
+      ok = (prev >= 0) & (row_all[:m] == row_all[n - 1:n - 1 + m])
+      gram = np.full(m, -1, np.int64)
+      if ok.any():
+        keys = prev[ok] * (len(vocab) + 1) + flat[n - 1:n - 1 + m][ok]
+        gram[ok] = np.unique(keys, return_inverse=True)[1].reshape(-1)
+    valid = gram >= 0
+    if not valid.any():
+      break
+    key = gram[valid] * n_rows + row_all[:len(gram)][valid]
+    pairs, counts = np.unique(key, return_counts=True)
+    g, r = pairs // n_rows, pairs % n_rows
+    order = np.lexsort((-counts, g))  # by n-gram, largest count first
+    g, r, c = g[order], r[order], counts[order]
+    starts = np.flatnonzero(np.concatenate([[True], g[1:] != g[:-1]]))
+    sizes = np.diff(np.append(starts, len(g)))
+    second = np.where(sizes > 1, c[np.minimum(starts + 1, len(g) - 1)], 0)
+    best, holder = np.repeat(c[starts], sizes), np.repeat(r[starts], sizes)
+    clip = np.where(r == holder, np.repeat(second, sizes), best)
+    num[n - 1] = np.bincount(r, weights=np.minimum(c, clip), minlength=n_rows)
+    den[n - 1] = np.bincount(r, weights=c, minlength=n_rows)
+  # Closest other row's length (ties: the shorter).
+  srt = np.sort(lengths)
+  lo = np.searchsorted(srt, lengths, "left")
+  hi = np.searchsorted(srt, lengths, "right")
+  below = np.where(lo > 0, srt[np.maximum(lo - 1, 0)], -1)
+  above = np.where(hi < n_rows, srt[np.minimum(hi, n_rows - 1)], -1)
+  ref = np.where(hi - lo >= 2, lengths,
+                 np.where((above < 0) | ((below >= 0) & (lengths - below <= above - lengths)),
+                          below, above))
+  c_len = lengths.astype(np.float64)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    bp = np.where(lengths > ref, 1.0, np.exp(1.0 - ref / c_len))
+    d = np.maximum(1.0, den)
+    p = np.where(num > 0, num / d, BLEU_EPSILON / d)
+    out = bp * np.exp(np.log(p).sum(axis=0) / max_n)
+  # nltk: an empty hypothesis, or one with no matching unigram, scores 0.
+  return np.where((lengths == 0) | (num[0] == 0), 0.0, out)
 
 
 # ------------------------------------------------------------------ embedding geometry
@@ -138,16 +143,20 @@ def _check_points(x_NxD, need: int) -> np.ndarray:
     raise ValueError(f"need a [N, D] array with N >= {need}, got shape {x.shape}")
   if not np.all(np.isfinite(x)):
     raise ValueError("embeddings have NaN or infinite entries")
+  zero = int(np.sum(~np.any(x != 0, axis=1)))
+  if zero:
+    raise ValueError(f"{zero} of {x.shape[0]} embeddings are zero vectors (no direction for a "
+                     f"cosine measure); drop those rows")
   return x
 
 
 def dispersion(x_NxD) -> float:
-  """Mean pairwise cosine distance 1 - cos(x_i, x_j) over ordered pairs i != j (exact).
-  Zero rows count as similarity 0 to everything."""
+  """Mean pairwise cosine distance 1 - cos(x_i, x_j) over ordered pairs i != j (exact; in
+  [0, 2], clamped against float rounding)."""
   x = _check_points(x_NxD, 2)
   n = x.shape[0]
   s2, self_sim, _ = _unit_gram(x)
-  return float(1.0 - (float(s2) - float(self_sim)) / (n * (n - 1)))
+  return float(np.clip(1.0 - (float(s2) - float(self_sim)) / (n * (n - 1)), 0.0, 2.0))
 
 
 def vendi(x_NxD) -> float:
@@ -179,8 +188,8 @@ def summary(values: Sequence[Optional[float]]) -> dict:
   v = np.asarray([x for x in values if x is not None and np.isfinite(x)], np.float64)
   if not len(v):
     return {"n": 0, "mean": None}
-  sd = float(v.std(ddof=1)) if len(v) > 1 else 0.0
-  half = 1.96 * sd / math.sqrt(len(v))
+  sd = float(v.std(ddof=1)) if len(v) > 1 else None
+  half = 1.96 * sd / math.sqrt(len(v)) if sd is not None else None
   return {"n": int(len(v)), "mean": float(v.mean()), "std": sd,
-          "ci95": [float(v.mean() - half), float(v.mean() + half)],
+          "ci95": None if half is None else [float(v.mean() - half), float(v.mean() + half)],
           "min": float(v.min()), "median": float(np.median(v)), "max": float(v.max())}

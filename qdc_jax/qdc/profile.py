@@ -46,7 +46,8 @@ def _lab(question: str):
   return tree
 
 
-def per_row(ds: Dataset, skill_sets: Optional[Sequence[tuple]]) -> dict[str, list]:
+def per_row(ds: Dataset, skill_sets: Optional[Sequence[tuple]],
+            all_skills: Optional[Sequence[tuple]] = None) -> dict[str, list]:
   """Model-free per-row values (None where a row has no such value)."""
   out = collections.defaultdict(list)
   for i, r in enumerate(ds.rows):
@@ -66,7 +67,8 @@ def per_row(ds: Dataset, skill_sets: Optional[Sequence[tuple]]) -> dict[str, lis
     out["question_words"].append(len(measures.words(r.question)))
     out["solution_words"].append(len(measures.words(r.solution)) if has_sol else None)
     out["recorded_quality"].append(r.recorded_quality)
-    out["num_skills"].append(len(skill_sets[i]) if skill_sets is not None else None)
+    sk = all_skills if all_skills is not None else skill_sets
+    out["num_skills"].append(len(sk[i]) if sk is not None else None)
   return dict(out)
 
 
@@ -82,14 +84,18 @@ def _mean(values) -> Optional[float]:
 
 
 def profile(ds: Dataset, *, skill_sets: Optional[Sequence[tuple]], skill_source: str,
+            all_skills: Optional[Sequence[tuple]] = None, skill_k: Optional[int] = None,
             embeddings: Optional[np.ndarray] = None, nn_rows: Optional[np.ndarray] = None,
             student: Optional[dict] = None, orm_scores: Optional[Sequence] = None) -> dict:
   """Every measure of one dataset.
 
   Args:
     ds: the dataset.
-    skill_sets: per row, its skill-set (None: no annotator for this data).
+    skill_sets: per row, its skill-set of at most `skill_k` skills (the thesis's; None: no
+      annotator for this data).
     skill_source: where the skill-sets came from ('oracle', 'recorded', 'lm').
+    all_skills: per row, every known skill (uncut; None: the skill-sets are all there is).
+    skill_k: the cap of `skill_sets`, for the notes.
     embeddings: [N, D] row embeddings (None: no embedding measures).
     nn_rows: the row indices the nearest-neighbour distance was measured on (a sample when
       the set is large); embeddings of exactly those rows are used.
@@ -102,7 +108,7 @@ def profile(ds: Dataset, *, skill_sets: Optional[Sequence[tuple]], skill_source:
      "rows": {name: per-row list}, "notes": [how each sampled measure was sampled]}.
   """
   n = len(ds.rows)
-  rows = per_row(ds, skill_sets)
+  rows = per_row(ds, skill_sets, all_skills)
   notes = list(ds.notes)
   m: dict = {"rows": n}
   # Quality.
@@ -121,8 +127,9 @@ def profile(ds: Dataset, *, skill_sets: Optional[Sequence[tuple]], skill_source:
     m["sparq_quality"] = _mean(full_q)
     m["sparq_quality_positive"] = _mean([float(q > 0) for q in student["quality"]])
     if len(student["rows"]) < n:
-      notes.append(f"student solve rate: {len(student['rows'])} of {n} rows (seeded sample), "
-                   f"K={student['k']}")
+      notes.append(f"student solve rate: K={student['k']} rollouts on {len(student['rows'])} "
+                   f"of the {student['eligible']} rows with an answer (of {n}; a seeded "
+                   f"sample when fewer)")
   if orm_scores is not None:
     rows["orm_score"] = [None if s is None or not np.isfinite(s) else float(s)
                          for s in orm_scores]
@@ -130,8 +137,15 @@ def profile(ds: Dataset, *, skill_sets: Optional[Sequence[tuple]], skill_source:
   # Diversity.
   if skill_sets is not None:
     m["skill_coverage"] = skills_lib.coverage(skill_sets)
-    m["skill_div"] = skills_lib.div(skill_sets)
+    m["skill_div"] = skills_lib.div(all_skills if all_skills is not None else skill_sets)
     notes.append(f"skill-sets from {skill_source}")
+    if all_skills is not None:
+      m["skill_coverage_all"] = skills_lib.coverage(all_skills)
+      cut = sum(len(a) > len(s) for a, s in zip(all_skills, skill_sets))
+      if cut:
+        notes.append(f"{cut} of {n} rows have more than k={skill_k} skills: their skill-set "
+                     f"keeps the k most common ('skill coverage', the thesis's); 'skill "
+                     f"coverage, all skills' and 'skills per problem' count every skill")
   toks = [measures.words(r.question) for r in ds.rows]
   for k in (1, 2, 3, 4):
     m[f"distinct_{k}"] = measures.distinct_n(toks, k)

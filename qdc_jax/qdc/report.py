@@ -23,7 +23,8 @@ TABLE = (
     ("quality", "orm_score", "ORM score"),
     ("quality", "recorded_quality", "recorded QUALITY"),
     ("quality", "recorded_solve_rate", "recorded solve rate"),
-    ("diversity", "skill_coverage", "skill coverage (unique skill-sets)"),
+    ("diversity", "skill_coverage", "skill coverage (unique skill-sets of <= k skills)"),
+    ("diversity", "skill_coverage_all", "skill coverage, all skills (unique sets)"),
     ("diversity", "skill_div", "DIV (unique skills)"),
     ("diversity", "distinct_1", "distinct-1 (questions)"),
     ("diversity", "distinct_2", "distinct-2"),
@@ -110,11 +111,14 @@ def markdown(profiles: dict, datasets_info: dict, settings: dict) -> str:
     for note in profiles[n]["notes"]:
       lines.append(f"- {n}: {note}")
   emb = settings.get("embed", {})
-  lines += [f"- embeddings: {emb.get('model_dir') or 'the shipped lab student'}, layer "
-            f"{emb.get('layer')} (-1 = final, after the final norm), mean-pooled over the "
-            f"{emb.get('field')} tokens (BOS left out; at most "
-            f"{emb.get('max_tokens') or 'max_len'})",
-            "", "Figures: histograms.png, qd_scatter.png" +
+  if emb.get("model_dir") == "none":
+    lines.append("- no embedding measures (--config.embed.model_dir=none)")
+  else:
+    lines.append(f"- embeddings: {emb.get('model_dir') or 'the shipped lab student'}, layer "
+                 f"{emb.get('layer')} (-1 = final, after the final norm), mean-pooled over "
+                 f"the {emb.get('field')} tokens (BOS left out; at most "
+                 f"{emb.get('max_tokens') or 'max_len'})")
+  lines += ["", "Figures: histograms.png, qd_scatter.png" +
             (", coverage.png" if any(i.get("coverage") for i in datasets_info.values())
              else ""), ""]
   return "\n".join(lines)
@@ -182,7 +186,7 @@ def plots(workdir: str, profiles: dict, datasets_info: dict) -> list[str]:
     fig, ax = plt.subplots(figsize=(5, 4))
     for n, c in covs.items():
       ax.plot([r[2] for r in c], [r[1] for r in c], marker=".", label=n)
-    ax.set_xlabel("problems generated (cumulative over rounds)")
+    ax.set_xlabel("rows, cumulative over the rounds that generated them")
     ax.set_ylabel("unique skill-sets (coverage)")
     ax.legend(fontsize=7)
     fig.tight_layout()

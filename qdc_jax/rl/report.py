@@ -7,7 +7,7 @@ Writes <out>/rl_tables.md (one table per test split with maj@1, maj@k, pass@k an
 rollouts used: thesis tables 3.4-3.6), sample_complexity.png (validation maj@1 / pass@k vs
 rollouts, log-x: figures 3.8, 3.12, 3.13), ei_iterations.png (EI accuracy per round: figure
 3.9) and diversity.png (exact and trace diversity over all and over correct samples: figure
-3.16).
+3.16), and rl_runs.json (every run's report, read back by `load_results`).
 """
 
 from __future__ import annotations
@@ -38,6 +38,19 @@ def load_runs(specs: Sequence[str]) -> list[tuple[str, dict]]:
   return runs
 
 
+def load_results(path: str) -> list[tuple[str, dict]]:
+  """The runs of an rl_runs.json that this command wrote (a file, or the --out directory
+  holding it; the committed lab results are docs/results/rl_runs.json), in their order and
+  in `load_runs`' form: the tables and plots redrawn without the runs' workdirs."""
+  if not path.endswith(".json"):
+    path = storage.join(path, "rl_runs.json")
+  runs = storage.read_json(path)
+  if runs is None:
+    raise FileNotFoundError(f"{path} does not exist (python -m qdc_jax.rl.report --out=DIR "
+                            f"writes DIR/rl_runs.json)")
+  return list(runs.items())
+
+
 def _fmt(x) -> str:
   return "-" if x is None else f"{x:.3f}"
 
@@ -49,7 +62,8 @@ def tables(runs: list[tuple[str, dict]]) -> str:
   out = []
   for split in splits:
     ks = sorted({r["k"] for _, r in runs})
-    k = ks[-1]
+    # Runs sampled with different K: the columns hold each run's own K, named in its row.
+    k = ks[-1] if len(ks) == 1 else "k"
     out.append(f"### Test split `{split}`\n")
     out.append(f"| model | maj@1 | maj@{k} | pass@{k} | exact div. | trace div. | "
                f"trace div. (correct) | rollouts spent | model chosen at |")
@@ -64,7 +78,8 @@ def tables(runs: list[tuple[str, dict]]) -> str:
         best = next((p for p in r["curve"] if p["round"] == r["notes"]["best_round"]), None)
       chosen = f"{best['rollouts']:,}" if best else "-"
       rk = r["k"]
-      out.append(f"| {name} | {_fmt(m.get('maj@1'))} | {_fmt(m.get(f'maj@{rk}'))} | "
+      label = name if len(ks) == 1 else f"{name} (k={rk})"
+      out.append(f"| {label} | {_fmt(m.get('maj@1'))} | {_fmt(m.get(f'maj@{rk}'))} | "
                  f"{_fmt(m.get(f'pass@{rk}'))} | {_fmt(m.get('diversity/exact_all'))} | "
                  f"{_fmt(m.get('diversity/trace_all'))} | "
                  f"{_fmt(m.get('diversity/trace_correct'))} | {spent:,} | {chosen} |")

@@ -18,7 +18,7 @@ The thesis's procedure for large sets (`estimate_in_batches`): shuffle, split in
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -163,6 +163,70 @@ def estimate_in_batches(x_NxD, *, k: int = 20, batch: int = 4096, estimator: str
                          sum(e.duplicates for e in ests), (float(lo), float(hi)), what)
 
 
+# ------------------------------------------------------------------------ text under a model
+
+
+def lab_texts(num_docs: int, seed: int = 0) -> list[str]:
+  """`num_docs` lab problems with their reference solutions (prompt + solution): the shipped
+  lab student's training distribution, and the command line's default corpus."""
+  from qdc_jax.data import lab_tasks  # pylint: disable=g-import-not-at-top
+  return [p.to_record()["prompt"] + p.solution
+          for p in lab_tasks.student_problems(num_docs, seed=seed)]
+
+
+def of_texts(texts: Sequence[str], *, model_dir: Optional[str] = None,
+             layers: Sequence[Optional[int]] = (None,),
+             position_buckets: Sequence[Optional[tuple[int, int]]] = (None,),
+             context: int = 1024, per_doc: int = 32, k: int = 20, batch: int = 4096,
+             metric: str = "euclidean", seed: int = 0, mesh=None) -> list[dict]:
+  """Intrinsic dimension of texts under a model directory's transformer, the thesis's way:
+  per document a random window of `context` tokens and `per_doc` of its token embeddings
+  (`embed.sampled_token_embeddings`), then `estimate_in_batches` (MLE, K = `k`, batches of
+  `batch` points).
+
+  Args:
+    texts: The documents (each encoded with BOS by the model's tokenizer).
+    model_dir: A `qdc_jax.model_io` directory; None = the shipped lab student.
+    layers: None = the final layer after the final norm; l = as `embed.hidden_states`.
+    position_buckets: None = every window position; (lo, hi) = positions lo <= i < hi only.
+    mesh: Default: all devices on the data axis.
+
+  Returns:
+    One row per (layer, bucket), layers outermost: {"layer" (num_layers for the final one),
+    "positions", "points", "dimension", "stderr", "interval", "batches", "duplicates"}; a
+    combination with no estimate (a layer whose vectors all repeat, an empty bucket) gives
+    {"layer", "positions", "points", "error"} and the others still come.
+  """
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from qdc_jax import model_io  # pylint: disable=g-import-not-at-top
+  from qdc_jax.models import transformer  # pylint: disable=g-import-not-at-top
+  mesh = mesh or sharding_lib.make_mesh((-1, 1, 1))
+  cfg, params, tok, _, shardings = model_io.load_model(
+      model_dir or model_io.asset_path("lab_student"), mesh=mesh)
+  docs = [tok.encode(t, add_bos=True) for t in texts]
+  model = transformer.Transformer(cfg)
+  results = []
+  for layer in layers:
+    for bucket in position_buckets:
+      name = cfg.num_layers if layer is None else layer
+      x = np.zeros((0, cfg.d_model))
+      try:
+        x = embed.sampled_token_embeddings(
+            params, docs, model=model, layer=layer, context=context, per_doc=per_doc,
+            seed=seed, positions=bucket, mesh=mesh, param_shardings=shardings)
+        est = estimate_in_batches(x, k=k, batch=batch, seed=seed, metric=metric)
+      except ValueError as e:  # all vectors repeat, an empty bucket: say so, go on
+        results.append({"layer": name, "positions": bucket, "points": len(x),
+                        "error": str(e)})
+        logging.warning("layer %s: %s", layer, e)
+        continue
+      results.append({"layer": name, "positions": bucket, "points": len(x),
+                      "dimension": est.dimension, "stderr": est.stderr,
+                      "interval": est.interval, "batches": len(est.batch_dimensions),
+                      "duplicates": est.duplicates})
+  return results
+
+
 # ----------------------------------------------------------------------------------- CLI
 #
 #   python -m qdc_jax.scaling.intrinsic_dim [--model_dir=DIR] [--texts=FILE] \
@@ -218,62 +282,41 @@ def _plot(rows: list[dict], key: str, xlabel: str, k: int, path: str) -> None:
 
 def _main(argv) -> None:
   del argv
-  from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
-  from qdc_jax import embed as embed_lib, model_io, storage  # pylint: disable=g-import-not-at-top
-  from qdc_jax.data import lab_tasks  # pylint: disable=g-import-not-at-top
-  from qdc_jax.models import transformer  # pylint: disable=g-import-not-at-top
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from qdc_jax import model_io, storage  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
   sharding_lib.initialize_distributed(
       enabled=f.distributed, coordinator_address=f.coordinator_address,
       num_processes=f.num_processes, process_id=f.process_id)
   model_dir = f.model_dir or model_io.asset_path("lab_student")
-  mesh = sharding_lib.make_mesh((-1, 1, 1))
-  cfg, params, tok, _, shardings = model_io.load_model(model_dir, mesh=mesh)
-  if f.texts:
-    texts = _read_texts(f.texts)
-  else:
-    texts = [p.to_record()["prompt"] + p.solution
-             for p in lab_tasks.student_problems(f.num_docs, seed=f.seed)]
+  texts = _read_texts(f.texts) if f.texts else lab_texts(f.num_docs, seed=f.seed)
   texts = texts[:f.num_docs]
-  docs = [tok.encode(t, add_bos=True) for t in texts]
+  num_layers = model_io.load_model_config(model_dir)[0].num_layers
   if f.layers == "final":
     layers = [None]
   elif f.layers == "all":  # every block's output (layer 0, the embedding table, on request)
-    layers = list(range(1, cfg.num_layers + 1))
+    layers = list(range(1, num_layers + 1))
   else:
     layers = [int(x) for x in f.layers.split(",")]
-  model = transformer.Transformer(cfg)
   edges = [int(e) for e in f.position_buckets.split(",") if e]
   if edges and (len(edges) < 2 or edges[0] < 0 or edges != sorted(set(edges))):
     raise app.UsageError(f"--position_buckets={f.position_buckets}: give at least two "
                          f"increasing, non-negative edges, e.g. 0,16,32,64")
   buckets = list(zip(edges[:-1], edges[1:])) or [None]
-  runs = [(layer, b) for layer in layers for b in buckets]
-  results = []
-  for layer, bucket in runs:
-    x = np.zeros((0, cfg.d_model))
-    try:
-      x = embed_lib.sampled_token_embeddings(
-          params, docs, model=model, layer=layer, context=f.context, per_doc=f.per_doc,
-          seed=f.seed, positions=bucket, mesh=mesh, param_shardings=shardings)
-      est = estimate_in_batches(x, k=f.k, batch=f.batch, seed=f.seed, metric=f.metric)
-    except ValueError as e:  # a layer whose vectors all repeat, an empty bucket: say so, go on
-      results.append({"layer": cfg.num_layers if layer is None else layer, "positions":
-                      bucket, "points": len(x), "error": str(e)})
-      logging.warning("layer %s: %s", layer, e)
-      continue
-    row = {"layer": cfg.num_layers if layer is None else layer, "positions": bucket,
-           "points": len(x),
-           "dimension": est.dimension, "stderr": est.stderr, "interval": est.interval,
-           "batches": len(est.batch_dimensions), "duplicates": est.duplicates}
-    results.append(row)
-    if jax.process_index() == 0:
+  results = of_texts(texts, model_dir=model_dir, layers=layers, position_buckets=buckets,
+                     context=f.context, per_doc=f.per_doc, k=f.k, batch=f.batch,
+                     metric=f.metric, seed=f.seed)
+  if jax.process_index() == 0:
+    for row in results:
+      if "error" in row:
+        continue
+      bucket = row["positions"]
       where = f" positions {bucket[0]}-{bucket[1]}" if bucket else ""
-      print(f"layer {row['layer']}{where}: ID {est.dimension:.2f} (95% interval "
-            f"{est.interval[0]:.2f}-{est.interval[1]:.2f}; {len(x)} points, "
-            f"{row['batches']} batches, {est.duplicates} duplicates)", flush=True)
+      print(f"layer {row['layer']}{where}: ID {row['dimension']:.2f} (95% interval "
+            f"{row['interval'][0]:.2f}-{row['interval'][1]:.2f}; {row['points']} points, "
+            f"{row['batches']} batches, {row['duplicates']} duplicates)", flush=True)
   out = {"model_dir": model_dir, "texts": f.texts or "lab student problems", "documents":
-         len(docs), "context": f.context, "per_doc": f.per_doc, "k": f.k, "batch": f.batch,
+         len(texts), "context": f.context, "per_doc": f.per_doc, "k": f.k, "batch": f.batch,
          "metric": f.metric, "seed": f.seed, "results": results}
   storage.makedirs(f.out)
   storage.write_json(storage.join(f.out, "id.json"), out)

@@ -1,5 +1,10 @@
 """Fits, tables and plots of the scaling workload (`experiments/scaling.py`): report.md,
-report.json and PNGs in its workdir."""
+report.json and PNGs in its workdir.
+
+A finished run's results read back with `load(workdir)`; `fits`, `plots`,
+`exponents_markdown`, `manifold_markdown` and `table_2_1_markdown` then work on them as on a
+live run (colabs/scaling_laws.ipynb does this with the committed docs/results/scaling_full).
+"""
 
 from __future__ import annotations
 
@@ -156,15 +161,23 @@ def plots(workdir: str, results: dict, fit: dict) -> list[str]:
   return made
 
 
-def markdown(results: dict, fit: dict, config) -> str:
-  lines = ["# Scaling laws from the intrinsic dimension of data", "",
-           f"Config: `{config.get('preset', '')}` preset; model `{config.model.name}` "
-           f"(d_model {results['corpora'][next(iter(results['corpora']))]['runs'][0]['d_model']}"
-           f"), byte-level tokens, seq_len {config.train.seq_len}, batch "
-           f"{config.train.batch_size}; early stopping every {config.train.eval_every} steps, "
-           f"patience {config.train.patience}; one seed ({config.train.seed}). "
-           f"Run time {results.get('seconds', 0) / 60:.1f} min.", "",
-           "## Data-size exponents (figure 2.2)", "",
+def load(workdir: str) -> dict:
+  """The results of a finished scaling run (its workdir's report.json, or that file's path):
+  the committed lab results are docs/results/scaling/ and docs/results/scaling_full/. Its
+  "fits" can be recomputed with `fits(results)`, plotted with `plots`, tabled with
+  `exponents_markdown` / `manifold_markdown`."""
+  path = workdir if workdir.endswith(".json") else storage.join(workdir, "report.json")
+  results = storage.read_json(path)
+  if results is None:
+    raise FileNotFoundError(f"{path} does not exist: not a finished scaling workdir (the "
+                            f"report is written when every unit has finished)")
+  return results
+
+
+def exponents_markdown(results: dict, fit: dict) -> str:
+  """The data-size exponents per corpus beside their ID predictions, every run's losses, and
+  the model-size exponent (thesis figures 2.2 and 2.3), as markdown."""
+  lines = ["## Data-size exponents (figure 2.2)", "",
            "| corpus | alpha_D_hat (+- s.e.) | ID d (MLE, 95% interval) | predicted 2/(2+d) | "
            "difference |", "|---|---|---|---|---|"]
   for name, f in fit["data"].items():
@@ -191,6 +204,44 @@ def markdown(results: dict, fit: dict, config) -> str:
     for r in results["widths"]:
       lines.append(f"| {r['d_model']} | {r['non_embedding_params']} | {r['test_loss']:.4f} | "
                    f"{r['id']['final']['id']:.2f} |")
+  return "\n".join(lines) + "\n"
+
+
+def manifold_markdown(fit: dict) -> str:
+  """The manifold check (thesis 2.3): per true dimension d the estimated ID and the fitted
+  data exponent beside 2/(2+d); '' when the run had no manifold grid."""
+  if not fit["manifold"]:
+    return ""
+  lines = ["## The manifold check (thesis 2.3)", "",
+           "| true d | estimated ID (MLE) | alpha_D_hat (+- s.e.) | predicted 2/(2+d) | "
+           "difference |", "|---|---|---|---|---|"]
+  for dim, f in sorted(fit["manifold"].items(), key=lambda kv: int(kv[0])):
+    lines.append(f"| {dim} | {_fmt(f['estimated_id'], 2)} | {_fmt(f.get('alpha'))} +- "
+                 f"{_fmt(f.get('stderr'))} | {f['predicted']:.3f} | "
+                 f"{_fmt(f['difference'])} |")
+  return "\n".join(lines) + "\n"
+
+
+def table_2_1_markdown(rows: list[dict]) -> str:
+  """Table 2.1 (`laws.table_2_1()`): each cell recomputed beside the printed value."""
+  lines = ["## Table 2.1, recomputed from the published exponents", "",
+           "| model | cell | recomputed | printed | printed follows |",
+           "|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['model']} | {r['cell']} | {r['computed']:.4f} | {r['printed_text']} | "
+                 f"{'yes' if r['printed_follows'] else '**no**'} |")
+  return "\n".join(lines) + "\n"
+
+
+def markdown(results: dict, fit: dict, config) -> str:
+  lines = ["# Scaling laws from the intrinsic dimension of data", "",
+           f"Config: `{config.get('preset', '')}` preset; model `{config.model.name}` "
+           f"(d_model {results['corpora'][next(iter(results['corpora']))]['runs'][0]['d_model']}"
+           f"), byte-level tokens, seq_len {config.train.seq_len}, batch "
+           f"{config.train.batch_size}; early stopping every {config.train.eval_every} steps, "
+           f"patience {config.train.patience}; one seed ({config.train.seed}). "
+           f"Run time {results.get('seconds', 0) / 60:.1f} min.", "",
+           exponents_markdown(results, fit).rstrip("\n")]
   lines += ["", "## Intrinsic dimension ablations (figure 2.4)", "",
             "| corpus | layer: ID | position bucket: ID |", "|---|---|---|"]
   for name, c in results["corpora"].items():
@@ -200,19 +251,8 @@ def markdown(results: dict, fit: dict, config) -> str:
     ps = ", ".join(f"{p['lo']}-{p['hi']}: {p['id']:.2f}" for p in ident["positions"])
     lines.append(f"| {name} | {ls}, final: {ident['final']['id']:.2f} | {ps} |")
   if fit["manifold"]:
-    lines += ["", "## The manifold check (thesis 2.3)", "",
-              "| true d | estimated ID (MLE) | alpha_D_hat (+- s.e.) | predicted 2/(2+d) | "
-              "difference |", "|---|---|---|---|---|"]
-    for dim, f in sorted(fit["manifold"].items(), key=lambda kv: int(kv[0])):
-      lines.append(f"| {dim} | {_fmt(f['estimated_id'], 2)} | {_fmt(f.get('alpha'))} +- "
-                   f"{_fmt(f.get('stderr'))} | {f['predicted']:.3f} | "
-                   f"{_fmt(f['difference'])} |")
-  lines += ["", "## Table 2.1, recomputed from the published exponents", "",
-            "| model | cell | recomputed | printed | printed follows |",
-            "|---|---|---|---|---|"]
-  for r in results["table_2_1"]:
-    lines.append(f"| {r['model']} | {r['cell']} | {r['computed']:.4f} | {r['printed_text']} | "
-                 f"{'yes' if r['printed_follows'] else '**no**'} |")
+    lines += ["", manifold_markdown(fit).rstrip("\n")]
+  lines += ["", table_2_1_markdown(results["table_2_1"]).rstrip("\n")]
   lines += ["", "## Corpora", ""]
   for name, c in results["corpora"].items():
     lines.append(f"- **{name}**: {c['provenance']}")

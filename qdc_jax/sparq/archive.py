@@ -199,8 +199,10 @@ class Archive:
         if r != record_rounds[-1]:
           raise ArchiveError(f"{self.directory}: round {r} is damaged but later rounds are "
                              "committed; repair or remove it by hand.")
-        logging.warning("Archive %s: last round %d is damaged; set aside as *%s and treated "
-                        "as not committed.", self.directory, r, DAMAGED_SUFFIX)
+        logging.warning("Archive %s: last round %d is damaged; %s and treated as not "
+                        "committed.", self.directory, r,
+                        "left as it is (read-only)" if self.read_only
+                        else f"set aside as *{DAMAGED_SUFFIX}")
         damaged = [p for p in (self._items_path(r), self._record_path(r)) if storage.exists(p)]
         break
       if record["first_id"] != next_id:

@@ -170,3 +170,60 @@ def round_and_cumulative(stats: ArchiveStats, round_items: Sequence[ArchiveItem]
   out = {f"round/{k}": v for k, v in summarize(round_items).items()}
   out.update({f"archive/{k}": v for k, v in new_stats.summary().items()})
   return out, new_stats
+
+
+def children(items: Iterable[ArchiveItem]) -> list[ArchiveItem]:
+  """The generated items (round > 0): the archive without its seeds (round 0)."""
+  return [i for i in items if i.round > 0]
+
+
+def by_round(items: Iterable[ArchiveItem]) -> list[dict[str, Any]]:
+  """Coverage, QD-score and the other metrics round by round, from the items alone.
+
+  One row per generation round present (seeds, round 0, are left out, as in the loop's
+  totals): {"round": r, "round/<key>": the round's summary, "archive/<key>": the archive's
+  after it}, the keys of `round_and_cumulative` (the loop logs the same ones to
+  sparq_metrics.jsonl; this recomputes them for any archive, e.g. one copied from elsewhere).
+  """
+  rounds: dict[int, list[ArchiveItem]] = {}
+  for item in children(items):
+    rounds.setdefault(item.round, []).append(item)
+  stats, rows = ArchiveStats(), []
+  for r in sorted(rounds):
+    row, stats = round_and_cumulative(stats, sorted(rounds[r], key=lambda i: i.id))
+    rows.append({"round": r, **row})
+  return rows
+
+
+@dataclasses.dataclass(frozen=True)
+class Niche:
+  """The items of one non-empty skill-set (a MAP-Elites niche)."""
+
+  skill_set: SkillSet
+  count: int  # items in the niche
+  best_quality: float  # the niche's contribution to the QD-score
+  mean_quality: float
+  num_quality_positive: int
+  examples: tuple[ArchiveItem, ...]  # its best items: quality, then solve rate, then id
+
+
+def niches(items: Iterable[ArchiveItem], per_niche: int = 3) -> list[Niche]:
+  """Items grouped by non-empty skill-set, best niche first (best quality, then size, then
+  the skill-set), each with its `per_niche` best items as examples.
+
+  The sum of `best_quality` over the niches is `qd_score(items)` and their number is the
+  coverage (`summarize(items)["unique_skill_sets"]`). Pass `children(items)` for the
+  generated problems only.
+  """
+  groups: dict[SkillSet, list[ArchiveItem]] = {}
+  for item in items:
+    if item.skill_set:
+      groups.setdefault(tuple(item.skill_set), []).append(item)
+  out = []
+  for s, group in groups.items():
+    best = sorted(group, key=lambda i: (-i.quality, -i.solve_rate, i.id))
+    out.append(Niche(skill_set=s, count=len(group), best_quality=best[0].quality,
+                     mean_quality=sum(i.quality for i in group) / len(group),
+                     num_quality_positive=sum(i.quality > 0 for i in group),
+                     examples=tuple(best[:max(per_niche, 0)])))
+  return sorted(out, key=lambda n: (-n.best_quality, -n.count, n.skill_set))
