@@ -3,14 +3,14 @@
 # one budget (on the static_uniform archive), then the QDC measures of every generated set next
 # to the scores its distilled student reached.
 #
-#   [BUDGET=N] launch/sparq_qdc.sh ROOT [--config.x=y ...]   (BUDGET: filter budget, default 128)
+#   [BUDGET=N] launch/sparq_qdc.sh ROOT [--config.x=y ...]   (BUDGET: filter budget, default 32)
 #
 # Every step resumes (re-run the same line after a kill). Results: ROOT/qdc_strategies/report.md
 # and ROOT/qdc_filters/report.md (+ PNGs). One seed (sparq.seed=0); add seeds with
 # --config.sparq.seed=S and another ROOT.
 set -euo pipefail
 root=$1
-budget=${BUDGET:-128}
+budget=${BUDGET:-32}  # the lab run: half the 65 unique questions with QUALITY > 0
 shift
 launch/sparq_strategies.sh "$root/strategies" "$@"
 su=$root/strategies/static_uniform
