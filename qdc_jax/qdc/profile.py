@@ -127,9 +127,10 @@ def profile(ds: Dataset, *, skill_sets: Optional[Sequence[tuple]], skill_source:
     m["sparq_quality"] = _mean(full_q)
     m["sparq_quality_positive"] = _mean([float(q > 0) for q in student["quality"]])
     if len(student["rows"]) < n:
-      notes.append(f"student solve rate: K={student['k']} rollouts on {len(student['rows'])} "
-                   f"of the {student['eligible']} rows with an answer (of {n}; a seeded "
-                   f"sample when fewer)")
+      picked = (f"a seeded sample of {len(student['rows'])}" if len(student["rows"]) <
+                student["eligible"] else f"all {len(student['rows'])}")
+      notes.append(f"student solve rate: K={student['k']} rollouts on {picked} of the "
+                   f"{student['eligible']} rows with an answer ({n} rows in all)")
   if orm_scores is not None:
     rows["orm_score"] = [None if s is None or not np.isfinite(s) else float(s)
                          for s in orm_scores]
