@@ -11,13 +11,10 @@ import json
 from qdc_jax import storage
 
 
-def read_records(path: str, prompt_key: str = "prompt",
-                 completion_key: str = "completion") -> list[dict]:
-  """Rows of a JSONL file as {'prompt', 'completion'} dicts."""
+def read_objects(path: str) -> list[tuple[str, dict]]:
+  """(where, row) for every JSON object line of a JSONL file ("path:line"); a line that is
+  not a JSON object is an error naming file and line."""
   out = []
-  if not storage.exists(path):
-    raise FileNotFoundError(f"No such data file: {path} (set --config.data.train_path / "
-                            f"eval_path)")
   for i, line in enumerate(storage.read_text(path).splitlines(), 1):
     if not line.strip():
       continue
@@ -27,11 +24,23 @@ def read_records(path: str, prompt_key: str = "prompt",
       raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
     if not isinstance(row, dict):
       raise ValueError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+    out.append((f"{path}:{i}", row))
+  return out
+
+
+def read_records(path: str, prompt_key: str = "prompt",
+                 completion_key: str = "completion") -> list[dict]:
+  """Rows of a JSONL file as {'prompt', 'completion'} dicts."""
+  out = []
+  if not storage.exists(path):
+    raise FileNotFoundError(f"No such data file: {path} (set --config.data.train_path / "
+                            f"eval_path)")
+  for where, row in read_objects(path):
     for key in (prompt_key, completion_key):
       if key not in row:
-        raise ValueError(f"{path}:{i}: missing field {key!r} (fields: {sorted(row)})")
+        raise ValueError(f"{where}: missing field {key!r} (fields: {sorted(row)})")
       if not isinstance(row[key], str):
-        raise ValueError(f"{path}:{i}: field {key!r} must be a string, got "
+        raise ValueError(f"{where}: field {key!r} must be a string, got "
                          f"{type(row[key]).__name__}")
     out.append({"prompt": row[prompt_key], "completion": row[completion_key]})
   return out

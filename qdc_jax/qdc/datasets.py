@@ -27,7 +27,6 @@ counted in `Dataset.dropped`, never an error.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from typing import Optional
@@ -95,18 +94,7 @@ def _json_rows(path: str) -> list[tuple[str, dict]]:
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
     with storage.path(path).open("rb") as fh:
       return [(f"{path}: row {i}", r) for i, r in enumerate(pq.read_table(fh).to_pylist())]
-  out = []
-  for i, line in enumerate(storage.read_text(path).splitlines(), 1):
-    if not line.strip():
-      continue
-    try:
-      row = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-    if not isinstance(row, dict):
-      raise ValueError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
-    out.append((f"{path}:{i}", row))
-  return out
+  return jsonl.read_objects(path)
 
 
 def _field(where: str, row: dict, keys: tuple[str, ...], kind: str, required: bool = True
