@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from typing import Callable, Optional, Sequence
 
@@ -198,3 +199,23 @@ def sample_before(params, prompts_BxP, prompt_lengths_B, rng, *, model, sp):
           "done": jnp.zeros((rows,), jnp.bool_), "logits": last, "cache": cache}
   out = jax.lax.while_loop(lambda c: (c["i"] < n) & ~jnp.all(c["done"]), body, init)
   return sampling.SampleOutput(out["tokens"], out["lengths"], out["logps"])
+
+
+def module_at_revision(path: str, rev: str):
+  """The repository file `path` as of git revision `rev`, imported as a fresh module (a
+  benchmark's "before" of the same run)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import tempfile  # pylint: disable=g-import-not-at-top
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  src = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=repo, check=True,
+                       capture_output=True, text=True).stdout
+  tmp = os.path.join(tempfile.mkdtemp(prefix="qdc_rev_"), os.path.basename(path))
+  with open(tmp, "w") as f:
+    f.write(src)
+  spec = importlib.util.spec_from_file_location(f"_rev_{rev}_{os.path.basename(path)[:-3]}",
+                                                tmp)
+  mod = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = mod  # dataclasses (flax modules) resolve names through it
+  spec.loader.exec_module(mod)
+  return mod

@@ -8,6 +8,9 @@ temperature 1 (what a SPARQ round asks of the student). Variants:
 - before: the plain sampler as it was before prompt sharing (2026-12-02, commit 28bbe2d):
   the prompt's cache copied to each of its K rows, P + 160 slots per row; rebuilt here from
   today's model code (its full-cache decode path is the one prefill uses);
+- grouped: plain, with the prompts grouped by length bucket (`sampling.length_groups`, one
+  call per bucket of 64, as `generate_text` does on CPU): a short prompt is not padded to the
+  longest; each prompt keeps its key, so the tokens are the plain sampler's;
 - stream_S: continuous batching (`sampling.sample_stream`) through S decode rows;
 - scanned (--scanned): plain, with the blocks run as a `lax.scan` (`scan_layers=True`);
 - hf: HF `Gemma2ForCausalLM.generate` on the same model exported with `gemma_io`
@@ -45,6 +48,9 @@ def main(argv=None):
   ap.add_argument("--scanned", action="store_true",
                   help="also the plain sampler with ModelConfig.scan_layers=True")
   ap.add_argument("--skip_hf", action="store_true")
+  ap.add_argument("--model_rev", default="",
+                  help="also the plain sampler with models/transformer.py as of this git "
+                  "revision (the same sampling loop): a before/after of the model code")
   ap.add_argument("--hf_rounds", type=int, default=3, help="HF calls (each ~50 s)")
   args = ap.parse_args(argv)
   load_start = os.getloadavg()
@@ -62,8 +68,8 @@ def main(argv=None):
   model = transformer.Transformer(cfg)
   problems = arith.make_split("in_dist", args.prompts, seed=123)
   texts = [arith.PROMPT_TEMPLATE.format(question=p.text) for p in problems]
-  toks, lens = sampling.pad_prompts([tok.encode(t, add_bos=True) for t in texts], tok.pad_id,
-                                    multiple=64)
+  encoded = [tok.encode(t, add_bos=True) for t in texts]
+  toks, lens = sampling.pad_prompts(encoded, tok.pad_id, multiple=64)
   sp = sampling.SamplingParams(max_new_tokens=args.new_tokens, num_samples=args.samples,
                                temperature=1.0, eos_id=tok.eos_id, pad_id=tok.pad_id,
                                valid_vocab_size=tok.vocab_size)
@@ -73,6 +79,30 @@ def main(argv=None):
   want = None
   builders = {name: (lambda slots=slots: sampling.jit_sample(model, sp, slots=slots))
               for name, slots in variants.items()}
+  variants["grouped"] = 0
+  calls = sampling.length_groups([len(e) for e in encoded], args.prompts, 64)
+  info_groups = [(len(idx), width) for idx, width in calls]
+
+  def grouped(run):
+    def call(params_, toks_unused, lens_unused, rng):
+      del toks_unused, lens_unused
+      tokens = np.zeros((rows, args.new_tokens), np.int32)
+      for idx, res in sampling.sample_calls(run, params_, encoded,
+                                            sampling.prompt_keys(rng, len(encoded)), calls,
+                                            pad_id=tok.pad_id, pad_multiple=64):
+        for n, i in enumerate(idx):
+          k = args.samples
+          tokens[i * k:(i + 1) * k] = res.tokens[n * k:(n + 1) * k]
+      return sampling.SampleOutput(tokens, None, None)
+    return call
+  builders["grouped"] = lambda: grouped(sampling.jit_sample(model, sp))
+  if args.model_rev:
+    name = f"model@{args.model_rev}"
+    variants[name] = 0
+    old = _common.module_at_revision("qdc_jax/models/transformer.py", args.model_rev)
+    builders[name] = lambda: sampling.jit_sample(old.Transformer(cfg), sp)
+    builders[f"grouped, {name}"] = lambda: grouped(sampling.jit_sample(old.Transformer(cfg), sp))
+    variants[f"grouped, {name}"] = 0
   if args.scanned:
     variants["scanned"] = 0
     scanned = transformer.Transformer(cfg.replace(scan_layers=True))
@@ -101,13 +131,15 @@ def main(argv=None):
         continue
       t0 = time.perf_counter()
       out = fn(params, toks, lens, jax.random.PRNGKey(1 + r))
-      if name != "hf":  # HF returns a finished torch tensor
+      if name != "hf" and not name.startswith("grouped"):  # those return finished host arrays
         jax.block_until_ready(out)
       times[name].append(time.perf_counter() - t0)
   res = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
          "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
          "load_start": load_start, "load_end": os.getloadavg(), "rows": rows,
          "prompt_len": int(toks.shape[1]),
+         "prompt_lengths": sorted(int(n) for n in lens),
+         "groups_prompts_rows": info_groups,
          "max_new_tokens": args.new_tokens,
          "mean_length_key0": float(lengths.mean()), "max_length_key0": int(lengths.max()),
          "variants": {}}

@@ -105,12 +105,31 @@ def gumbel_max(keys_B: jax.Array, logits_BxV: jax.Array) -> jax.Array:
 SAMPLER_VERSION = 2
 
 
+def prompt_keys(rng: jax.Array, num_prompts: int) -> jax.Array:
+  """Key of prompt b in a call keyed by one `rng`: fold_in(rng, b)."""
+  return jax.vmap(lambda b: jax.random.fold_in(rng, b))(jnp.arange(num_prompts,
+                                                                   dtype=jnp.int32))
+
+
+def _is_key_batch(rng: jax.Array) -> bool:
+  """One key ([2] raw or a scalar typed key) or a batch of them ([B, 2] / [B])?"""
+  typed = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+  return rng.ndim == (1 if typed else 2)
+
+
 def row_keys(rng: jax.Array, num_prompts: int, num_samples: int) -> jax.Array:
-  """Key of row b*K + k: fold_in(fold_in(rng, b), k); position i draws with fold_in(key, i)."""
-  prompt = jnp.repeat(jnp.arange(num_prompts, dtype=jnp.int32), num_samples)
+  """Key of row b*K + k: fold_in(key_b, k), where key_b is the prompt's key: `rng[b]` when
+  `rng` holds one key per prompt, else fold_in(rng, b) (`prompt_keys`). Position i draws with
+  fold_in(row key, i). A prompt passed with its own key samples the same tokens in any batch,
+  any slot and next to any other prompts (how `generate_text` groups prompts by length)."""
+  if _is_key_batch(rng):
+    if rng.shape[0] != num_prompts:
+      raise ValueError(f"{rng.shape[0]} prompt keys for {num_prompts} prompts")
+    per_prompt = rng
+  else:
+    per_prompt = prompt_keys(rng, num_prompts)
   sample_ = jnp.tile(jnp.arange(num_samples, dtype=jnp.int32), num_prompts)
-  return jax.vmap(lambda b, k: jax.random.fold_in(jax.random.fold_in(rng, b), k))(prompt,
-                                                                                  sample_)
+  return jax.vmap(jax.random.fold_in)(jnp.repeat(per_prompt, num_samples, axis=0), sample_)
 
 
 def _at_position(keys_B: jax.Array, i) -> jax.Array:
@@ -166,8 +185,9 @@ def sample(params, prompts_BxP: jax.Array, prompt_lengths_B: jax.Array, rng: jax
            hook: Optional[TokenHook] = None) -> SampleOutput:
   """Pure sampling function; jit it with `jit_sample` (or `jax.jit` + static config).
 
-  `hook` (a `TokenHook`) may force tokens and end rows; without one every row samples freely
-  until a stop token, a stop sequence or max_new_tokens."""
+  `rng` is one key, or one key per prompt ([B] keys; see `row_keys`). `hook` (a
+  `TokenHook`) may force tokens and end rows; without one every row samples freely until a
+  stop token, a stop sequence or max_new_tokens."""
   cfg = model.config
   b, p = prompts_BxP.shape
   k, n = sp.num_samples, sp.max_new_tokens
@@ -404,13 +424,22 @@ def generate_text(params, prompts: Sequence[str], *, model: transformer.Transfor
                   sp: SamplingParams, rng: jax.Array, batch_size: int = 64, mesh=None,
                   rules=None, param_shardings=None, pad_multiple: int = 16,
                   fixed_batch: bool = False, stop_strings: Sequence[str] = (),
-                  hook: Optional[TokenHook] = None, slots: int = 0) -> list[list[str]]:
+                  hook: Optional[TokenHook] = None, slots: int = 0,
+                  group_by_length: Optional[bool] = None) -> list[list[str]]:
   """Host convenience: K completions (text) for each prompt string.
 
   Prompts are encoded with BOS, grouped into batches of `batch_size` prompts (one sampler
   call each, K rows per prompt), and decoded up to EOS. Loops that call this every round keep
   one compiled shape with `fixed_batch=True` (always `batch_size` rows); prompt lengths are
   padded to geometric buckets of `pad_multiple` (`bucket_length`).
+
+  `group_by_length` (default: on for the CPU backend) instead gives each length bucket its
+  own calls, so a short prompt is not padded to the longest of its batch (the prefill and
+  every decode step's prompt attention cost what the padding holds); each call holds a power
+  of two prompts, at most `batch_size`, so shapes stay few. Every prompt is keyed as in the
+  plain batching (`fold_in(fold_in(rng, first index of its batch), index in it)`), so
+  both give the same texts for the same key. It costs more decode loops (one per group):
+  on an accelerator, where a step of a few rows costs what a step of many does, leave it off.
 
   `stop_strings` end a row when generated (base models, which would otherwise run on and
   invent the next "Question:"): decoding stops on the device once a row's tokens end with a
@@ -435,6 +464,8 @@ def generate_text(params, prompts: Sequence[str], *, model: transformer.Transfor
     return []
   if slots:  # slots are sharded like rows: a multiple of the data axes
     slots = -(-slots // min_rows) * min_rows
+  if group_by_length is None:
+    group_by_length = jax.default_backend() == "cpu"
   run = jit_sample(model, sp, mesh, rules, param_shardings, hook, slots=slots)
   encoded = [tokenizer.encode(p, add_bos=True) for p in prompts]
   # A learned position table bounds prompt + new tokens; buckets never pad past it.
@@ -442,24 +473,75 @@ def generate_text(params, prompts: Sequence[str], *, model: transformer.Transfor
                 if model.config.position == "learned" else None)
   if not fixed_batch:
     batch_size = max(1, min(batch_size, len(encoded)))
-  out: list[list[str]] = []
+  keys = _batched_prompt_keys(rng, len(encoded), batch_size)
+  if group_by_length:
+    calls = length_groups([len(e) for e in encoded], batch_size, pad_multiple, max_prompt)
+  else:
+    calls = [(list(range(i, min(i + batch_size, len(encoded)))), batch_size)
+             for i in range(0, len(encoded), batch_size)]
+  out: list[Optional[list[str]]] = [None] * len(encoded)
   progress = _Progress(len(encoded) * sp.num_samples, batch_size * sp.num_samples)
-  for start in range(0, len(encoded), batch_size):
-    chunk = encoded[start:start + batch_size]
-    # A fixed row count per call keeps one compiled shape for all full batches.
-    toks, lens = pad_prompts(chunk + [chunk[-1]] * (batch_size - len(chunk)),
-                             tokenizer.pad_id, multiple=pad_multiple, min_rows=min_rows,
-                             max_length=max_prompt)
+  for idx, res in sample_calls(run, params, encoded, keys, calls, pad_id=tokenizer.pad_id,
+                               pad_multiple=pad_multiple, min_rows=min_rows,
+                               max_length=max_prompt, mesh=mesh, rules=rules):
+    for n, i in enumerate(idx):
+      rows = range(n * sp.num_samples, (n + 1) * sp.num_samples)
+      out[i] = [truncate_at_stop(tokenizer.decode(res.tokens[r, :res.lengths[r]]),
+                                 stop_strings) for r in rows]
+    progress.update(len(idx) * sp.num_samples)
+  return out
+
+
+def sample_calls(run, params, encoded: Sequence[Sequence[int]], keys: jax.Array, calls, *,
+                 pad_id: int, pad_multiple: int = 16, min_rows: int = 1,
+                 max_length: Optional[int] = None, mesh=None, rules=None):
+  """Run a jitted sampler (`jit_sample`) over token prompts in the given calls.
+
+  `calls`: (prompt indices, prompt rows) per call (`length_groups`, or plain batches);
+  `keys`: one key per prompt. Yields (indices, host `SampleOutput` whose first
+  len(indices) * K rows are theirs) per call, in order; every process makes the same calls.
+  """
+  for idx, width in calls:
+    # Rows past the group repeat its last prompt (a fixed count keeps few compiled shapes).
+    padded = list(idx) + [idx[-1]] * (width - len(idx))
+    toks, lens = pad_prompts([encoded[i] for i in padded], pad_id, multiple=pad_multiple,
+                             min_rows=min_rows, max_length=max_length)
+    call_keys = keys[np.asarray(padded + [idx[-1]] * (len(toks) - len(padded)))]
     if mesh is not None:  # every process holds the whole batch: build global arrays
       toks, lens = sharding_lib.put_global(toks, mesh, rules), sharding_lib.put_global(
           lens, mesh, rules)
-    res = sharding_lib.to_host(run(params, toks, lens, jax.random.fold_in(rng, start)))
-    for i in range(len(chunk)):
-      rows = range(i * sp.num_samples, (i + 1) * sp.num_samples)
-      out.append([truncate_at_stop(tokenizer.decode(res.tokens[r, :res.lengths[r]]),
-                                   stop_strings) for r in rows])
-    progress.update(len(chunk) * sp.num_samples)
-  return out
+    yield idx, sharding_lib.to_host(run(params, toks, lens, call_keys))
+
+
+def _batched_prompt_keys(rng: jax.Array, num_prompts: int, batch_size: int) -> jax.Array:
+  """Prompt j's key when the prompts go in batches of `batch_size`, each keyed
+  fold_in(rng, its first index): fold_in(fold_in(rng, j - j % batch_size), j % batch_size)."""
+  j = jnp.arange(num_prompts, dtype=jnp.int32)
+  first = j - j % batch_size
+  return jax.vmap(lambda f, o: jax.random.fold_in(jax.random.fold_in(rng, f), o))(
+      first, j - first)
+
+
+def length_groups(lengths: Sequence[int], batch_size: int, multiple: int,
+                  max_length: Optional[int] = None) -> list[tuple[list[int], int]]:
+  """Sampler calls for prompts of these token lengths, one length bucket per call.
+
+  Returns (prompt indices, prompt rows of the call) per call: the prompts of one
+  `bucket_length` bucket in order, at most `batch_size` per call, in a call of the next
+  power of two rows (at most `batch_size`) so a run compiles few shapes."""
+  buckets: dict[int, list[int]] = {}
+  for i, n in enumerate(lengths):
+    p = bucket_length(n, multiple)
+    if max_length is not None:
+      p = max(min(p, max_length), -(-n // multiple) * multiple)
+    buckets.setdefault(p, []).append(i)
+  calls = []
+  for p in sorted(buckets):
+    idx = buckets[p]
+    for i in range(0, len(idx), batch_size):
+      part = idx[i:i + batch_size]
+      calls.append((part, min(batch_size, 1 << (len(part) - 1).bit_length())))
+  return calls
 
 
 class _Progress:

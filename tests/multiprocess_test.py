@@ -7,7 +7,7 @@ processes. What comes from a fixed model (SPARQ archives, rollouts, evaluation r
 must be exactly equal; what comes after training steps agrees within TRAIN_RTOL (the reductions
 across processes may round differently in the last bits).
 
-The 2-process job runs all seven configs one after the other and is SIGKILLed twice: one
+The 2-process job runs all six configs one after the other and is SIGKILLed twice: one
 process dies in SPARQ's round 1, and, after the re-launch, in EI's round 1. Each time the
 survivor must exit non-zero within a bounded time, and the re-launch must go on with nothing
 lost or duplicated; what the third launch finishes with is compared with the single-process
@@ -32,9 +32,12 @@ pytestmark = pytest.mark.multiprocess
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRIVER = os.path.join(REPO, "tests", "multiprocess_driver.py")
 MESH = "(2, 2, 2)"
-SPECS = ["configs/sparq.py:smoke", "configs/ei.py:smoke", "configs/sft.py:smoke",
-         "configs/evaluate.py:smoke", "configs/ppo.py:smoke", "configs/rcrl.py:smoke",
-         "configs/arith_lab.py:smoke", "configs/qdc.py:smoke"]
+# One config per distinct multi-host path: SPARQ (archive, kill), EI (sampling + `fit`, kill),
+# evaluation, PPO (its own sampler call and update step), RCRL (the token hook) and QDC
+# (embeddings). SFT and the lab trainer run `fit` as EI's rounds do; they are left out to
+# keep the job inside its 5-minute budget on 2 cores.
+SPECS = ["configs/sparq.py:smoke", "configs/ei.py:smoke", "configs/evaluate.py:smoke",
+         "configs/ppo.py:smoke", "configs/rcrl.py:smoke", "configs/qdc.py:smoke"]
 # Training metrics: f32 sums over 8 devices reduced in another order across processes.
 TRAIN_RTOL = 1e-4
 # A dead peer must end the survivor within this long (heartbeat 10 s, plus shutdown).
@@ -215,27 +218,18 @@ def test_ei_rollouts_equal_and_training_close(runs):
   assert ra["notes"]["dataset_size"] == rb["notes"]["dataset_size"]
 
 
-def test_sft_and_lab_trainer_training_close(runs):
-  one, two, _, _ = runs
-  _close_metrics(os.path.join(_workdir(one, SPECS[2]), "sft_metrics.jsonl"),
-                 os.path.join(_workdir(two, SPECS[2]), "sft_metrics.jsonl"))
-  a, b = _workdir(one, SPECS[6]), _workdir(two, SPECS[6])
-  _close_metrics(os.path.join(a, "train_metrics.jsonl"), os.path.join(b, "train_metrics.jsonl"),
-                 keys=("loss", "eval_loss"))
-
-
 def test_evaluate_equal(runs):
   one, two, _, _ = runs
-  assert _json(os.path.join(_workdir(one, SPECS[3]), "eval_report.json")) == _json(
-      os.path.join(_workdir(two, SPECS[3]), "eval_report.json"))
-  assert _json(os.path.join(_workdir(one, SPECS[3]), "eval_examples.json")) == _json(
-      os.path.join(_workdir(two, SPECS[3]), "eval_examples.json"))
+  assert _json(os.path.join(_workdir(one, SPECS[2]), "eval_report.json")) == _json(
+      os.path.join(_workdir(two, SPECS[2]), "eval_report.json"))
+  assert _json(os.path.join(_workdir(one, SPECS[2]), "eval_examples.json")) == _json(
+      os.path.join(_workdir(two, SPECS[2]), "eval_examples.json"))
 
 
 def test_ppo_first_rollouts_equal_and_training_close(runs):
   one, two, _, _ = runs
-  a = _rows(os.path.join(_workdir(one, SPECS[4]), "ppo_metrics.jsonl"))
-  b = _rows(os.path.join(_workdir(two, SPECS[4]), "ppo_metrics.jsonl"))
+  a = _rows(os.path.join(_workdir(one, SPECS[3]), "ppo_metrics.jsonl"))
+  b = _rows(os.path.join(_workdir(two, SPECS[3]), "ppo_metrics.jsonl"))
   assert [r["step"] for r in a] == [r["step"] for r in b]
   # Step 0 evaluates the initial policy and the first iteration's rewards come from it.
   assert _strip_timing(a[0]) == _strip_timing(b[0])
@@ -247,7 +241,7 @@ def test_ppo_first_rollouts_equal_and_training_close(runs):
 
 def test_rcrl_rollout_labels_equal(runs):
   one, two, _, _ = runs
-  a, b = _workdir(one, SPECS[5]), _workdir(two, SPECS[5])
+  a, b = _workdir(one, SPECS[4]), _workdir(two, SPECS[4])
   assert _bytes(os.path.join(a, "rcrl_data.jsonl")) == _bytes(
       os.path.join(b, "rcrl_data.jsonl"))
   assert _bytes(os.path.join(a, "rcrl_train.jsonl")) == _bytes(

@@ -275,6 +275,80 @@ def test_generate_text_with_slots_returns_the_same_texts_in_batches():
                                                                  for t in r)
 
 
+def _reference_keys_texts(params, prompts, *, model, tokenizer, sp, rng, batch_size):
+  """generate_text's contract written out: prompt j alone in a call of its own, keyed
+  fold_in(fold_in(rng, first index of its batch of `batch_size`), its index in the batch)."""
+  run = sampling.jit_sample(model, dataclasses.replace(
+      sp, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+      valid_vocab_size=tokenizer.vocab_size))
+  out = []
+  for j, text in enumerate(prompts):
+    toks, lens = sampling.pad_prompts([tokenizer.encode(text, add_bos=True)], tokenizer.pad_id)
+    key = jax.random.fold_in(jax.random.fold_in(rng, j - j % batch_size), j % batch_size)
+    res = jax.device_get(run(params, toks, lens, key[None]))
+    out.append([tokenizer.decode(res.tokens[r, :res.lengths[r]]) for r in range(sp.num_samples)])
+  return out
+
+
+@pytest.mark.parametrize("fixed_batch", [False, True])
+@pytest.mark.parametrize("sp_kw", [dict(greedy=True), dict(temperature=1.0)])
+def test_grouping_by_length_returns_the_texts_of_plain_batches(fixed_batch, sp_kw):
+  # Prompts of very different lengths (several buckets of 4) in batches of 3: grouping them
+  # by length changes which prompts share a call and how far each is padded, not what any
+  # prompt samples. The reference samples each prompt alone with the key of its batch slot.
+  from qdc_jax import tokenizers
+  tok = tokenizers.make_tokenizer("char", alphabet="abcdefgh")
+  cfg = configs.get_model_config("lab_tiny", vocab_size=tok.vocab_size + 2, num_layers=2)
+  model = T.Transformer(cfg)
+  params = model.init(jax.random.PRNGKey(4), jnp.zeros((1, 8), jnp.int32))["params"]
+  sp = sampling.SamplingParams(max_new_tokens=10, num_samples=2, **sp_kw)
+  prompts = ["abcdefgh" * 3, "a", "cde", "hhgg" * 4, "b", "abcdefg", "ggg" * 7]
+  kw = dict(model=model, tokenizer=tok, sp=sp, rng=jax.random.PRNGKey(3), batch_size=3,
+            pad_multiple=4, fixed_batch=fixed_batch)
+  plain = sampling.generate_text(params, prompts, group_by_length=False, **kw)
+  grouped = sampling.generate_text(params, prompts, group_by_length=True, **kw)
+  assert grouped == plain
+  ref = _reference_keys_texts(params, prompts, model=model, tokenizer=tok, sp=sp,
+                              rng=jax.random.PRNGKey(3), batch_size=3)
+  assert plain == ref
+  if not sp_kw.get("greedy"):
+    assert len({t for row in plain for t in row}) > 7
+
+
+def test_length_groups_cover_every_prompt_once_in_one_bucket_per_call():
+  rng = np.random.default_rng(0)
+  lengths = list(rng.integers(1, 300, 200))
+  calls = sampling.length_groups(lengths, batch_size=24, multiple=16, max_length=256)
+  seen = sorted(i for idx, _ in calls for i in idx)
+  assert seen == list(range(200))
+  for idx, width in calls:
+    assert 1 <= len(idx) <= width <= 24 and idx == sorted(idx)
+    assert width == 24 or width & (width - 1) == 0  # a power of two unless capped
+    p = {sampling.pad_prompts([[1] * lengths[i]], 0, multiple=16, max_length=256)[0].shape[1]
+         for i in idx}
+    assert len(p) == 1, p  # each prompt's own padded length, shared by its call
+  assert len(calls) < 40
+
+
+def test_per_prompt_keys_sample_what_the_batch_key_samples():
+  model, params = _model()
+  prompts = _prompts([4, 9, 2], seed=3)
+  sp = sampling.SamplingParams(max_new_tokens=8, num_samples=3, temperature=1.0, eos_id=EOS,
+                               pad_id=PAD)
+  run = sampling.jit_sample(model, sp)
+  toks, lens = sampling.pad_prompts(prompts, PAD)
+  rng = jax.random.PRNGKey(11)
+  one = jax.device_get(run(params, toks, lens, rng))
+  per = jax.device_get(run(params, toks, lens, sampling.prompt_keys(rng, 3)))
+  np.testing.assert_array_equal(one.tokens, per.tokens)
+  # Reversed prompts with their keys reversed: each prompt's rows come back unchanged.
+  rev = jax.device_get(run(params, toks[::-1], lens[::-1], sampling.prompt_keys(rng, 3)[::-1]))
+  np.testing.assert_array_equal(rev.tokens.reshape(3, 3, -1)[::-1],
+                                one.tokens.reshape(3, 3, -1))
+  with pytest.raises(ValueError, match="2 prompt keys for 3 prompts"):
+    run(params, toks, lens, sampling.prompt_keys(rng, 2))
+
+
 def test_gumbel_max_draws_what_jax_random_categorical_draws():
   # The independent reference: jax.random.categorical with the same key, on logits with
   # masked (-inf) entries, large and tiny scales, and a small and a Gemma-like vocabulary.

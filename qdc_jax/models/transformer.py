@@ -266,18 +266,34 @@ class Attention(nn.Module):
       w = cfg.sliding_window
       gen_mask = gen_mask & (positions_BxT[:, :, None] - gen_pos[:, None, :] < w)
       pre_mask = pre_mask & (positions_BxT[:, :, None] - pre_pos[None, None, :] < w)
-    q5 = q.reshape(r, t, k, g, h)
-    pre = jnp.einsum("bstkgh,bkph->bskgtp", q5.reshape(bp, s, t, k, g, h), pk,
-                     preferred_element_type=jnp.float32).reshape(r, k, g, t, p)
-    gen = jnp.einsum("btkgh,bknh->bkgtn", q5, keys.astype(dt),
-                     preferred_element_type=jnp.float32)
-    logits = _softcap(jnp.concatenate([pre, gen], axis=-1), cfg.attn_softcap)
-    mask = jnp.concatenate([pre_mask, gen_mask], axis=-1)
-    logits = jnp.where(mask[:, None, None], logits, _NEG_INF)
-    probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-    out = jnp.einsum("bskgtp,bkph->bstkgh", probs[..., :p].reshape(bp, s, k, g, t, p), pv)
-    out = out.reshape(r, t, k, g, h) + jnp.einsum("bkgtn,bknh->btkgh", probs[..., p:],
-                                                  values.astype(dt))
+    # Scores in the dots' own output layouts ([prompt, kv head, sample*t*group, slot] for the
+    # prompt block, [row, kv head, group*t, slot] for the row's own slots), merged by one
+    # softmax over both blocks: a shared max and denominator, no concatenation of the scores
+    # and no transposes of anything slot-sized.
+    qp = q.reshape(bp, s, t, k, g, h).transpose(0, 3, 1, 2, 4, 5).reshape(bp, k, s * t * g, h)
+    pre = jnp.einsum("bkqh,bkph->bkqp", qp, pk, preferred_element_type=jnp.float32)
+    q5 = q.reshape(r, t, k, g, h).transpose(0, 2, 3, 1, 4).reshape(r, k, g * t, h)
+    gen = jnp.einsum("bkqh,bknh->bkqn", q5, keys.astype(dt), preferred_element_type=jnp.float32)
+    # masks [R, T, P|N] -> the layouts above
+    pre_m = pre_mask.reshape(bp, s, t, 1, 1, p).transpose(0, 3, 1, 2, 4, 5)
+    pre = jnp.where(pre_m, _softcap(pre, cfg.attn_softcap).reshape(bp, k, s, t, g, p), _NEG_INF)
+    gen_m = gen_mask[:, None, None]  # R, 1, 1, T, N
+    gen = jnp.where(gen_m, _softcap(gen, cfg.attn_softcap).reshape(r, k, g, t, -1), _NEG_INF)
+    # per (row, head, t): max and denominator over both blocks, in the prompt block's layout
+    pre_max = pre.max(-1)  # bp, k, s, t, g
+    gen_max = gen.max(-1).reshape(bp, s, k, g, t).transpose(0, 2, 1, 4, 3)
+    m = jax.lax.stop_gradient(jnp.maximum(pre_max, gen_max))
+    e_pre = jnp.exp(pre - m[..., None])
+    m_gen = m.transpose(0, 2, 1, 4, 3).reshape(r, k, g, t)
+    e_gen = jnp.exp(gen - m_gen[..., None])
+    denom = e_pre.sum(-1) + e_gen.sum(-1).reshape(bp, s, k, g, t).transpose(0, 2, 1, 4, 3)
+    o_pre = jnp.einsum("bkqp,bkph->bkqh", (e_pre / denom[..., None]).astype(dt).reshape(
+        bp, k, s * t * g, p), pv)  # bp, k, s*t*g, h
+    d_gen = denom.transpose(0, 2, 1, 4, 3).reshape(r, k, g, t)
+    o_gen = jnp.einsum("bkqn,bknh->bkqh", (e_gen / d_gen[..., None]).astype(dt).reshape(
+        r, k, g * t, -1), values.astype(dt))  # r, k, g*t, h
+    out = (o_pre.reshape(bp, k, s, t, g, h).transpose(0, 2, 3, 1, 4, 5).reshape(r, t, k, g, h)
+           + o_gen.reshape(r, k, g, t, h).transpose(0, 3, 1, 2, 4))
     return self._project_out(out.reshape(r, t, n, h), wo), new_cache
 
 
