@@ -433,13 +433,15 @@ def generate_text(params, prompts: Sequence[str], *, model: transformer.Transfor
   one compiled shape with `fixed_batch=True` (always `batch_size` rows); prompt lengths are
   padded to geometric buckets of `pad_multiple` (`bucket_length`).
 
-  `group_by_length` (default: on for the CPU backend) instead gives each length bucket its
-  own calls, so a short prompt is not padded to the longest of its batch (the prefill and
+  `group_by_length` (default: on for the CPU backend unless `fixed_batch`) instead gives
+  each length bucket its own calls, so a short prompt is not padded to the longest of its batch (the prefill and
   every decode step's prompt attention cost what the padding holds); each call holds a power
   of two prompts, at most `batch_size`, so shapes stay few. Every prompt is keyed as in the
   plain batching (`fold_in(fold_in(rng, first index of its batch), index in it)`), so
-  both give the same texts for the same key. It costs more decode loops (one per group):
-  on an accelerator, where a step of a few rows costs what a step of many does, leave it off.
+  both give the same texts for the same key. It costs more decode loops (one per group) and
+  more compiled shapes (a few seconds each on CPU: the reason `fixed_batch` loops such as
+  SPARQ's rounds leave it off); on an accelerator, where a step of a few rows costs what a
+  step of many does, leave it off.
 
   `stop_strings` end a row when generated (base models, which would otherwise run on and
   invent the next "Question:"): decoding stops on the device once a row's tokens end with a
@@ -464,8 +466,8 @@ def generate_text(params, prompts: Sequence[str], *, model: transformer.Transfor
     return []
   if slots:  # slots are sharded like rows: a multiple of the data axes
     slots = -(-slots // min_rows) * min_rows
-  if group_by_length is None:
-    group_by_length = jax.default_backend() == "cpu"
+  if group_by_length is None:  # fixed_batch asks for one compiled shape; grouping makes more
+    group_by_length = jax.default_backend() == "cpu" and not fixed_batch
   run = jit_sample(model, sp, mesh, rules, param_shardings, hook, slots=slots)
   encoded = [tokenizer.encode(p, add_bos=True) for p in prompts]
   # A learned position table bounds prompt + new tokens; buckets never pad past it.

@@ -272,3 +272,21 @@ def test_a2c_is_the_policy_gradient():
   c = ppo_config.get_config("a2c")
   assert c.ppo.epochs == 1
   assert c.ppo.minibatch_size == c.ppo.questions_per_batch * c.ppo.best_k
+
+
+def test_pairs_without_a_preference_or_a_score_are_left_out_and_counted(tmp_path):
+  path = tmp_path / "pairs.jsonl"
+  rows = [{"prompt": "q", "chosen": "a", "rejected": "b"},
+          {"prompt": "q", "chosen": "same", "rejected": "same"},
+          {"prompt": "r", "chosen": "c", "rejected": "d"}]
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  pairs = rm.read_pairs(str(path))
+  assert [(p.chosen, p.rejected) for p in pairs] == [("a", "b"), ("c", "d")]
+
+  class Scorer:  # "b" cannot be scored (as an empty or over-long completion)
+    def final_logits(self, prompts, texts):
+      return np.asarray([{"a": 1.0, "b": np.nan, "c": 2.0, "d": 3.0}[t] for t in texts])
+
+  acc = prm_exp.pairwise_accuracy(Scorer(), pairs, seed=0)
+  assert acc["pairs"] == 1 and acc["unscored"] == 1 and acc["accuracy"] == 0.0
+  assert acc["margins"] == [-1.0]

@@ -135,15 +135,22 @@ def bootstrap_interval(values, groups, *, seed: int, rounds: int = 2000
 
 def pairwise_accuracy(scorer, pairs, *, seed: int) -> dict:
   """Share of pairs whose chosen completion scores higher (ties count half), overall and per
-  pair kind, with 95% intervals."""
+  pair kind, with 95% intervals. A pair with a side the model cannot score (an empty
+  completion, or one ending past max_len: NaN) is left out and counted in `unscored`."""
   if not pairs:
     return {"pairs": 0}
   prompts = [p.prompt for p in pairs]
   chosen = scorer.final_logits(prompts, [p.chosen for p in pairs])
   rejected = scorer.final_logits(prompts, [p.rejected for p in pairs])
+  scored = ~(np.isnan(chosen) | np.isnan(rejected))
+  unscored = int((~scored).sum())
+  pairs = [p for p, ok in zip(pairs, scored) if ok]
+  chosen, rejected = chosen[scored], rejected[scored]
+  if not pairs:
+    return {"pairs": 0, "unscored": unscored}
   hit = np.where(chosen > rejected, 1.0, np.where(chosen == rejected, 0.5, 0.0))
   groups = [p.question if p.question >= 0 else i for i, p in enumerate(pairs)]
-  out = {"pairs": len(pairs), "accuracy": float(hit.mean()),
+  out = {"pairs": len(pairs), "unscored": unscored, "accuracy": float(hit.mean()),
          "interval": bootstrap_interval(hit, groups, seed=seed),
          "margins": (chosen - rejected).tolist()}
   for why in sorted({p.why for p in pairs}):

@@ -41,6 +41,7 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from qdc_jax import model_io
 from qdc_jax import sharding as sharding_lib
@@ -355,7 +356,12 @@ def read_pairs(path: str, limit: int = 0) -> list[Pair]:
   if rows is None:
     raise FileNotFoundError(f"No preference file at {path}")
   rows = rows[:limit] if limit else rows
-  return [pair_from_row(r, f"{path} line {i + 1}") for i, r in enumerate(rows)]
+  pairs = [pair_from_row(r, f"{path} line {i + 1}") for i, r in enumerate(rows)]
+  same = sum(p.chosen == p.rejected for p in pairs)
+  if same:  # no preference to learn or to measure
+    logging.warning("%s: %d of %d rows have the same chosen and rejected completion; left "
+                    "out", path, same, len(pairs))
+  return [p for p in pairs if p.chosen != p.rejected]
 
 
 def completion_end(tokenizer, prompt: str, completion: str) -> tuple[list[int], int]:
