@@ -10,7 +10,8 @@ temperature 1 (what a SPARQ round asks of the student). Variants:
   today's model code (its full-cache decode path is the one prefill uses);
 - grouped: plain, with the prompts grouped by length bucket (`sampling.length_groups`, one
   call per bucket of 64, as `generate_text` does on CPU): a short prompt is not padded to the
-  longest; each prompt keeps its key, so the tokens are the plain sampler's;
+  longest; each prompt keeps its key, so the tokens are the plain sampler's (checked); its
+  time includes the host work of the calls (padding, copies back), plain's does not;
 - stream_S: continuous batching (`sampling.sample_stream`) through S decode rows;
 - scanned (--scanned): plain, with the blocks run as a `lax.scan` (`scan_layers=True`);
 - hf: HF `Gemma2ForCausalLM.generate` on the same model exported with `gemma_io`

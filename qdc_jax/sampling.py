@@ -425,7 +425,7 @@ def generate_text(params, prompts: Sequence[str], *, model: transformer.Transfor
                   rules=None, param_shardings=None, pad_multiple: int = 16,
                   fixed_batch: bool = False, stop_strings: Sequence[str] = (),
                   hook: Optional[TokenHook] = None, slots: int = 0,
-                  group_by_length: Optional[bool] = None) -> list[list[str]]:
+                  group_by_length: bool = False) -> list[list[str]]:
   """Host convenience: K completions (text) for each prompt string.
 
   Prompts are encoded with BOS, grouped into batches of `batch_size` prompts (one sampler
@@ -433,15 +433,17 @@ def generate_text(params, prompts: Sequence[str], *, model: transformer.Transfor
   one compiled shape with `fixed_batch=True` (always `batch_size` rows); prompt lengths are
   padded to geometric buckets of `pad_multiple` (`bucket_length`).
 
-  `group_by_length` (default: on for the CPU backend unless `fixed_batch`) instead gives
-  each length bucket its own calls, so a short prompt is not padded to the longest of its batch (the prefill and
-  every decode step's prompt attention cost what the padding holds); each call holds a power
-  of two prompts, at most `batch_size`, so shapes stay few. Every prompt is keyed as in the
-  plain batching (`fold_in(fold_in(rng, first index of its batch), index in it)`), so
-  both give the same texts for the same key. It costs more decode loops (one per group) and
-  more compiled shapes (a few seconds each on CPU: the reason `fixed_batch` loops such as
-  SPARQ's rounds leave it off); on an accelerator, where a step of a few rows costs what a
-  step of many does, leave it off.
+  `group_by_length` (opt-in) gives each length bucket its own calls instead, so a short
+  prompt is not padded to the longest of its batch (the prefill and every decode step's
+  prompt attention cost what the padding holds); each call holds a power of two prompts, at
+  most `batch_size`, so shapes stay few. Every prompt is keyed as in plain batching
+  (`fold_in(fold_in(rng, first index of its batch), index in it)`), so both give the same
+  texts for the same key, up to float rounding across padded shapes (a near-tie can flip a
+  token, likelier in bf16; the tests compare f32 exactly). It costs more decode loops (one
+  per group) and more compiled shapes (seconds each on CPU, which SPARQ's lab rounds and
+  the smoke runs do not win back; docs/benchmarks.md): it pays on CPU for large one-off
+  calls over prompts of mixed lengths (1.1-1.25x on the verification workload). On an
+  accelerator, where a step of a few rows costs what a step of many does, leave it off.
 
   `stop_strings` end a row when generated (base models, which would otherwise run on and
   invent the next "Question:"): decoding stops on the device once a row's tokens end with a
@@ -466,8 +468,6 @@ def generate_text(params, prompts: Sequence[str], *, model: transformer.Transfor
     return []
   if slots:  # slots are sharded like rows: a multiple of the data axes
     slots = -(-slots // min_rows) * min_rows
-  if group_by_length is None:  # fixed_batch asks for one compiled shape; grouping makes more
-    group_by_length = jax.default_backend() == "cpu" and not fixed_batch
   run = jit_sample(model, sp, mesh, rules, param_shardings, hook, slots=slots)
   encoded = [tokenizer.encode(p, add_bos=True) for p in prompts]
   # A learned position table bounds prompt + new tokens; buckets never pad past it.

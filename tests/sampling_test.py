@@ -290,9 +290,10 @@ def _reference_keys_texts(params, prompts, *, model, tokenizer, sp, rng, batch_s
   return out
 
 
-@pytest.mark.parametrize("fixed_batch", [False, True])
+@pytest.mark.parametrize("fixed_batch,where", [(False, ""), (True, ""), (False, "mesh"),
+                                               (True, "slots")])
 @pytest.mark.parametrize("sp_kw", [dict(greedy=True), dict(temperature=1.0)])
-def test_grouping_by_length_returns_the_texts_of_plain_batches(fixed_batch, sp_kw):
+def test_grouping_by_length_returns_the_texts_of_plain_batches(fixed_batch, where, sp_kw):
   # Prompts of very different lengths (several buckets of 4) in batches of 3: grouping them
   # by length changes which prompts share a call and how far each is padded, not what any
   # prompt samples. The reference samples each prompt alone with the key of its batch slot.
@@ -305,6 +306,15 @@ def test_grouping_by_length_returns_the_texts_of_plain_batches(fixed_batch, sp_k
   prompts = ["abcdefgh" * 3, "a", "cde", "hhgg" * 4, "b", "abcdefg", "ggg" * 7]
   kw = dict(model=model, tokenizer=tok, sp=sp, rng=jax.random.PRNGKey(3), batch_size=3,
             pad_multiple=4, fixed_batch=fixed_batch)
+  if where == "slots":
+    kw["slots"] = 4
+  if where == "mesh":  # 4 data rows per call: calls of 1 or 2 prompts are padded with copies
+    mesh = sharding.make_mesh((4, 1, 2))
+    abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))
+    shardings = sharding.logical_to_shardings(T.nn.get_partition_spec(abstract), mesh,
+                                              sharding.DEFAULT_RULES)["params"]
+    params = jax.device_put(T.nn.meta.unbox(params), shardings)
+    kw.update(mesh=mesh, param_shardings=shardings)
   plain = sampling.generate_text(params, prompts, group_by_length=False, **kw)
   grouped = sampling.generate_text(params, prompts, group_by_length=True, **kw)
   assert grouped == plain

@@ -200,7 +200,8 @@ def report_markdown(r: dict) -> str:
 
   lines = [f"# Preference reward model ({r['source']}, seed {r['seed']})", "",
            f"Student `{r['student']}`; {r['data']['train_pairs']} training pairs, "
-           f"{t['pairs']} held-out pairs; transform {r['transform']}.", "",
+           f"{t['pairs']} held-out pairs ({t.get('unscored', 0)} more left out: a side the "
+           f"model cannot score); transform {r['transform']}.", "",
            "| held-out pairs | n | pairwise accuracy | 95% interval (bootstrap over questions) |",
            "|---|---|---|---|", row("all", t)]
   lines += [row(k, v) for k, v in t.items() if isinstance(v, dict)]

@@ -242,9 +242,9 @@ class Attention(nn.Module):
 
     Rows r = b*S + s (prompt b, sample s) read the prompt's keys/values from `prefix_k/v`
     [B, K, P, H] (slots = positions 0..P-1, valid below the row's prompt length) and their
-    own generated ones from `k/v` [B*S, K, N, H] (slot j = position prefix_length + j). The
-    two score blocks are joined before one softmax: the same scores, in the same order of
-    positions, as attention over one full cache per row.
+    own generated ones from `k/v` [B*S, K, N, H] (slot j = position prefix_length + j). One
+    softmax spans both score blocks (a shared max and denominator): the same attention, up to
+    float rounding, as over one full cache per row.
     """
     cfg = self.config
     dt = jnp.dtype(cfg.dtype)
