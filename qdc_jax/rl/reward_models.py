@@ -350,19 +350,19 @@ def pair_from_row(row: dict, where: str) -> Pair:
 
 
 def read_pairs(path: str, limit: int = 0) -> list[Pair]:
-  """Preference pairs from a JSONL file (`pair_from_row` per line); `limit` > 0 keeps the
-  first pairs. A malformed row is an error naming its line; rows whose chosen and rejected
-  completions are the same are left out (with a warning)."""
+  """Preference pairs from a JSONL file (`pair_from_row` per line); `limit` > 0 reads only
+  the first rows. A malformed row is an error naming its line; rows whose chosen and
+  rejected completions are the same are left out (with a warning)."""
   rows = storage.read_rows(path)
   if rows is None:
     raise FileNotFoundError(f"No preference file at {path}")
+  rows = rows[:limit] if limit else rows  # the rows past `limit` are never parsed
   pairs = [pair_from_row(r, f"{path} line {i + 1}") for i, r in enumerate(rows)]
   same = sum(p.chosen == p.rejected for p in pairs)
   if same:  # no preference to learn or to measure
     logging.warning("%s: %d of %d rows have the same chosen and rejected completion; left "
                     "out", path, same, len(pairs))
-  pairs = [p for p in pairs if p.chosen != p.rejected]
-  return pairs[:limit] if limit else pairs
+  return [p for p in pairs if p.chosen != p.rejected]
 
 
 def completion_end(tokenizer, prompt: str, completion: str) -> tuple[list[int], int]:
