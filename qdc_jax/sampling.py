@@ -396,6 +396,15 @@ def bucket_length(n: int, multiple: int) -> int:
   return b
 
 
+def padded_length(n: int, multiple: int, max_length: Optional[int] = None) -> int:
+  """The prompt width for a longest prompt of `n` tokens: its `bucket_length`, capped at
+  `max_length` but never below `n` rounded up to `multiple`."""
+  p = bucket_length(n, multiple)
+  if max_length is not None:
+    p = max(min(p, max_length), -(-n // multiple) * multiple)
+  return p
+
+
 def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 16,
                 min_rows: int = 1, max_length: Optional[int] = None
                 ) -> tuple[np.ndarray, np.ndarray]:
@@ -410,10 +419,7 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 1
   if any(len(x) == 0 for x in prompts):
     raise ValueError("Every prompt needs at least one token (e.g. BOS)")
   rows = list(prompts) + [prompts[-1]] * ((-len(prompts)) % max(1, min_rows))
-  longest = max(len(x) for x in rows)
-  p = bucket_length(longest, multiple)
-  if max_length is not None:
-    p = max(min(p, max_length), -(-longest // multiple) * multiple)
+  p = padded_length(max(len(x) for x in rows), multiple, max_length)
   out = np.full((len(rows), p), pad_id, np.int32)
   for i, x in enumerate(rows):
     out[i, :len(x)] = x
@@ -533,10 +539,7 @@ def length_groups(lengths: Sequence[int], batch_size: int, multiple: int,
   power of two rows (at most `batch_size`) so a run compiles few shapes."""
   buckets: dict[int, list[int]] = {}
   for i, n in enumerate(lengths):
-    p = bucket_length(n, multiple)
-    if max_length is not None:
-      p = max(min(p, max_length), -(-n // multiple) * multiple)
-    buckets.setdefault(p, []).append(i)
+    buckets.setdefault(padded_length(n, multiple, max_length), []).append(i)
   calls = []
   for p in sorted(buckets):
     idx = buckets[p]
